@@ -1,0 +1,194 @@
+"""The library's front door: ``fit`` a method on a task, ``predict`` with adapters."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
+from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone
+from frozenlens.data import Task, load_image, load_task
+from frozenlens.errors import FrozenlensError
+from frozenlens.methods import build_method, get_method, make_config
+from frozenlens.report import result_record, write_results
+from frozenlens.store import ActivationStore, extract
+from frozenlens.train.protocol import MethodResult, run_protocol
+from frozenlens.train.trainer import TrainConfig
+
+
+@dataclass
+class MethodSpec:
+    """A method name with settings, parsed from ``"name"`` or ``"name:key=value,key=value"``."""
+
+    name: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        name, _, rest = text.partition(":")
+        settings = {}
+        for part in filter(None, rest.split(",")):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise FrozenlensError(f"method spec {text!r}: settings are key=value, comma-separated")
+            settings[key.strip()] = value.strip()
+        get_method(name)
+        return cls(name, settings)
+
+    @property
+    def label(self) -> str:
+        """Folder-safe name, e.g. ``linear-patch_mean=true``."""
+        extra = ",".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{self.name}-{extra}" if extra else self.name
+
+
+@dataclass
+class FitReport:
+    """What :func:`fit` produced."""
+
+    task: Task
+    backbone: FrozenBackbone
+    store: ActivationStore
+    results: dict[str, MethodResult]
+    records: list[dict[str, Any]]
+    out_dir: Path | None
+    extract_seconds: float
+
+
+def fit(
+    data: str | Path | Task,
+    methods: Sequence[str] = ("linear",),
+    *,
+    backbone: str | FrozenBackbone = DEFAULT_BACKBONE,
+    arch: str | None = None,
+    img_size: int | None = None,
+    grid: bool = False,
+    seeds: Sequence[int] = (0,),
+    epochs: int | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    store_dtype: str = "float16",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> FitReport:
+    """Fit one or more methods on a task from one extraction of the backbone.
+
+    Args:
+        data: task folder (VTAB-1k export, ImageFolder or HF imagefolder) or a :class:`Task`.
+        methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``.
+        backbone: backbone name/path (see :func:`frozenlens.load_backbone`) or a loaded one.
+        arch, img_size: passed to :func:`frozenlens.load_backbone`.
+        grid: tune lr x weight decay on train/val first (the VTAB protocol).
+        seeds: final runs on train+val, one per seed; test accuracy is their mean.
+        epochs: override the methods' default number of epochs.
+        out: folder for adapters (``<out>/<method>/``) and ``results.{json,md}``; None writes nothing.
+        device: ``cpu`` or ``cuda``.
+        store_dtype: precision of stored taps.
+        batch_size: images per backbone pass during extraction.
+        progress: progress bars and messages.
+    """
+    task = data if isinstance(data, Task) else load_task(data)
+    specs = [MethodSpec.parse(m) for m in methods]
+    net = backbone if isinstance(backbone, FrozenBackbone) else load_backbone(
+        backbone, arch=arch, img_size=img_size, device=device)
+    info = net.describe()
+    configs = {s.label: make_config(s.name, s.settings) for s in specs}
+    taps = sorted({t for s in specs for t in get_method(s.name).taps(configs[s.label], info)})
+    started = time.perf_counter()
+    store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
+                    batch_size=batch_size, progress=progress, device=device)
+    extract_seconds = time.perf_counter() - started
+    results, records = {}, []
+    for spec in specs:
+        method_class = get_method(spec.name)
+        cfg = method_class.train_defaults.updated(device=device, **({"epochs": epochs} if epochs else {}))
+        if progress:
+            print(f"training {spec.label}" + (" (grid search on train/val)" if grid else ""))
+        result = run_protocol(spec.name, configs[spec.label], store, task, info, train_config=cfg,
+                              grid=method_class.grid if grid else None, seeds=seeds, progress=progress)
+        results[spec.label] = result
+        records.append(result_record(spec.label, result, store.bytes_per_image))
+    out_dir = Path(out) if out else None
+    if out_dir is not None:
+        _save(out_dir, task, net, store, results, records, extract_seconds, store_dtype, seeds, grid)
+    return FitReport(task, net, store, results, records, out_dir, extract_seconds)
+
+
+def _save(out_dir: Path, task: Task, net: FrozenBackbone, store: ActivationStore,
+          results: dict[str, MethodResult], records: list[dict[str, Any]], extract_seconds: float,
+          store_dtype: str, seeds: Sequence[int], grid: bool) -> None:
+    for label, result in results.items():
+        record = next(r for r in records if r["label"] == label)
+        save_adapter(out_dir / label, result.model, task.classes,
+                     extra={"store_dtype": store_dtype, "result": record})
+    context = {
+        "task": task.name, "task_root": str(task.root), "backbone": net.name,
+        "weights_hash": net.weights_hash, "image_size": net.image_size,
+        "train_images": len(task.split("trainval")),
+        "test_images": len(task.splits.get("test", [])),
+        "store": str(store.path), "extract_seconds_this_run": round(extract_seconds, 1),
+        "seeds": list(seeds), "grid_search": grid,
+    }
+    write_results(out_dir, records, context)
+
+
+@dataclass
+class Prediction:
+    """Top classes of one image for one adapter."""
+
+    image: str
+    adapter: str
+    top: list[tuple[str, float]]
+
+
+def predict(
+    adapters: Sequence[str | Path],
+    images: Sequence[str | Path],
+    *,
+    backbone: str | FrozenBackbone | None = None,
+    top_k: int = 3,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> list[Prediction]:
+    """Classify ``images`` with one or more adapters, from one backbone pass per image.
+
+    All adapters must have been trained on the same backbone (checked by weights
+    hash). ``backbone`` defaults to the one recorded in the first adapter.
+    """
+    if not adapters:
+        raise FrozenlensError("predict needs at least one adapter folder")
+    metas = [read_adapter_meta(a) for a in adapters]
+    net = backbone if isinstance(backbone, FrozenBackbone) else _backbone_for(metas[0], backbone, device)
+    loaded = [load_adapter(a, net.describe()) for a in adapters]
+    taps = sorted({Tap.parse(k) for method, _ in loaded for k in method.tap_keys()})
+    transform = net.transform()
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        chunk = [Path(p) for p in images[start:start + batch_size]]
+        batch = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
+        with torch.inference_mode():
+            values = net.forward_taps(batch, taps)
+            for (method, meta), folder in zip(loaded, adapters):
+                dtype = getattr(torch, meta.get("store_dtype", "float32"))
+                feats = {k: v.to(dtype).float() for k, v in values.items()}
+                probs = method.to(device)(feats).softmax(-1).cpu()
+                predictions += _top(chunk, str(folder), probs, meta["classes"], top_k)
+    return predictions
+
+
+def _backbone_for(meta: dict[str, Any], name: str | None, device: str) -> FrozenBackbone:
+    recorded = meta["backbone"]
+    size = recorded.get("data_config", {}).get("input_size", [None])[-1]
+    return load_backbone(name or recorded["name"], arch=recorded.get("arch") if name is None else None,
+                         img_size=size, device=device)
+
+
+def _top(paths: list[Path], adapter: str, probs: torch.Tensor, classes: list[str],
+         k: int) -> list[Prediction]:
+    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [Prediction(str(p), adapter, [(classes[i], float(v)) for v, i in zip(vs, ids)])
+            for p, vs, ids in zip(paths, values.tolist(), indices.tolist())]

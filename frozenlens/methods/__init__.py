@@ -1,0 +1,19 @@
+"""Methods, one module each, registered by name.
+
+``linear`` and ``head2toe`` read pooled taps from the activation store.
+"""
+
+from frozenlens.methods.base import (
+    Method,
+    build_method,
+    config_to_dict,
+    get_method,
+    make_config,
+    method_names,
+    register,
+)
+from frozenlens.methods import head2toe as _head2toe  # noqa: F401  (registers)
+from frozenlens.methods import linear as _linear  # noqa: F401  (registers)
+
+__all__ = ["Method", "build_method", "config_to_dict", "get_method", "make_config",
+           "method_names", "register"]

@@ -1,0 +1,120 @@
+"""What every method is: a config dataclass, the taps it reads, an ``nn.Module``, a fit.
+
+A method registers itself by name (:func:`register`). The registry builds it
+from a name, a config (dataclass or plain dict, e.g. read back from an
+adapter file), the backbone's description and the number of classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from frozenlens.backbones.taps import Tap
+from frozenlens.errors import FrozenlensError
+from frozenlens.train.data import TapData
+from frozenlens.train.trainer import TrainConfig, train
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+class Method(nn.Module):
+    """Base class of methods that train on stored taps.
+
+    Subclasses set ``name``, ``config_class`` (a dataclass), ``train_defaults``
+    and ``grid`` (the VTAB search space, names of :class:`TrainConfig` fields),
+    and implement :meth:`taps` and :meth:`forward`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    summary: ClassVar[str] = ""
+    train_defaults: ClassVar[TrainConfig] = TrainConfig()
+    grid: ClassVar[dict[str, list[Any]]] = {}
+
+    def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
+        super().__init__()
+        self.config = config
+        self.backbone_info = backbone
+        self.num_classes = num_classes
+
+    @classmethod
+    def taps(cls, config: Any, backbone: dict[str, Any]) -> list[Tap]:
+        """Activations the method reads, given the backbone's description."""
+        raise NotImplementedError
+
+    def tap_keys(self) -> list[str]:
+        """Keys of :meth:`taps` for this instance."""
+        return [t.key for t in self.taps(self.config, self.backbone_info)]
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        """Logits from a batch of tap values."""
+        raise NotImplementedError
+
+    def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
+        """Train on ``data``; the default is one run of the shared trainer."""
+        return train(self, data, cfg, progress=progress, desc=self.name)
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    if name not in _REGISTRY:
+        raise FrozenlensError(f"unknown method {name!r}: choose from {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def make_config(name: str, values: dict[str, Any] | None = None) -> Any:
+    """Config of method ``name`` with ``values`` (strings are converted to the field type)."""
+    config_class = get_method(name).config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key not in fields:
+            raise FrozenlensError(
+                f"method {name!r} has no setting {key!r}; settings: {', '.join(fields)}"
+            )
+        default = getattr(config_class(), key)
+        kwargs[key] = _convert(value, default, key) if isinstance(value, str) else value
+    return config_class(**kwargs)
+
+
+def build_method(name: str, config: Any, backbone: dict[str, Any], num_classes: int) -> Method:
+    """Instantiate method ``name``; ``config`` may be a dataclass, a dict or None (defaults)."""
+    if config is None or isinstance(config, dict):
+        config = make_config(name, config)
+    return get_method(name)(config, backbone, num_classes)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-able dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def _convert(text: str, default: Any, key: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, (tuple, list)):
+            kind = type(default[0]) if default else float
+            return tuple(kind(part) for part in text.split(",") if part)
+        return type(default)(text) if default is not None else text
+    except ValueError as err:
+        raise FrozenlensError(
+            f"setting {key}={text!r}: expected a value like {default!r}"
+        ) from err

@@ -1,0 +1,87 @@
+"""Head2Toe (Evci et al., 2022): a sparse linear head on pooled features of every block.
+
+Every block's output tokens are average-pooled (CLS kept, the patch grid pooled
+to 1x1 and 2x2 by default) and concatenated. A linear head is trained with a
+group-lasso penalty on its input features; the top ``keep_fraction`` of the
+features by the L2 norm of their weights are kept, and a fresh head is trained
+on them alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from frozenlens.backbones.taps import Tap, block_tap
+from frozenlens.methods.base import register
+from frozenlens.methods.layers import concat_taps, group_lasso
+from frozenlens.methods.linear import LinearHeadMethod
+from frozenlens.train.data import TapData
+from frozenlens.train.trainer import TrainConfig, train
+
+
+@dataclass
+class Head2ToeConfig:
+    """Head2Toe settings.
+
+    Attributes:
+        pool_sizes: patch-grid pooling sizes per block (``g`` gives ``g*g`` vectors).
+        include_cls: also read each block's CLS token.
+        keep_fraction: fraction of features kept after the group-lasso stage.
+        group_lasso: coefficient of the group-lasso penalty in the selection stage.
+    """
+
+    pool_sizes: tuple[int, ...] = (1, 2)
+    include_cls: bool = True
+    keep_fraction: float = 0.1
+    group_lasso: float = 1e-4
+
+
+@register
+class Head2Toe(LinearHeadMethod):
+    """Head2Toe: group-lasso feature selection over pooled taps of every block."""
+
+    name = "head2toe"
+    config_class = Head2ToeConfig
+    summary = "pooled tokens of every block, group-lasso selection, linear head on the kept features"
+
+    def __init__(self, config: Head2ToeConfig, backbone: dict[str, Any], num_classes: int):
+        if not 0 < config.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction={config.keep_fraction}: must be in (0, 1]")
+        super().__init__(config, backbone, num_classes)
+        width = self.feature_count()
+        self.num_kept = max(1, round(config.keep_fraction * width))
+        self.register_buffer("selected", torch.arange(self.num_kept))
+        self.head = nn.Linear(self.num_kept, num_classes)
+        self._lasso_weight: nn.Linear | None = None
+
+    @classmethod
+    def taps(cls, config: Head2ToeConfig, backbone: dict[str, Any]) -> list[Tap]:
+        reductions = (["cls"] if config.include_cls else []) + [f"pool{g}" for g in config.pool_sizes]
+        return [block_tap(i, r) for i in range(backbone["depth"]) for r in reductions]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = self.features(batch)
+        if self._lasso_weight is not None:
+            return self._lasso_weight(features)
+        return self.head(features[:, self.selected])
+
+    def regularization(self) -> torch.Tensor:
+        """Group lasso on the selection head while it trains, zero afterwards."""
+        if self._lasso_weight is None:
+            return torch.zeros(())
+        return self.config.group_lasso * group_lasso(self._lasso_weight.weight)
+
+    def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
+        """Selection stage (all features, group lasso), keep the top rows, retrain the head."""
+        self.standardize.fit(concat_taps(data.features, self.tap_keys()))
+        self._lasso_weight = nn.Linear(self.feature_count(), self.num_classes)
+        losses = train(self, data, cfg, progress=progress, desc=f"{self.name} select")
+        scores = self._lasso_weight.weight.detach().norm(dim=0)
+        self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)
+        self._lasso_weight = None
+        self.head.reset_parameters()
+        return losses + train(self, data, cfg, progress=progress, desc=f"{self.name} retrain")

@@ -1,0 +1,37 @@
+"""Small building blocks shared by methods."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def concat_taps(features: dict[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """Flatten each tap to ``(B, -1)`` and concatenate them in ``keys`` order."""
+    return torch.cat([features[k].flatten(1) for k in keys], dim=1)
+
+
+class Standardize(nn.Module):
+    """Per-feature standardisation with statistics of the training set (buffers, saved)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Set mean and standard deviation from ``x`` of shape ``(N, F)``."""
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0, unbiased=False).clamp_min(self.eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def group_lasso(weight: torch.Tensor) -> torch.Tensor:
+    """Sum over input features of the L2 norm of their weights (``weight`` is ``(C, F)``)."""
+    return weight.norm(dim=0).sum()

@@ -1,0 +1,88 @@
+"""Linear probe, and the standardised linear head that Head2Toe builds on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from frozenlens.backbones.taps import Tap
+from frozenlens.methods.base import Method, register
+from frozenlens.methods.layers import Standardize, concat_taps
+from frozenlens.train.data import TapData
+from frozenlens.train.trainer import TrainConfig, train
+
+LINEAR_GRID = {"lr": [1e-2, 1e-3, 1e-4], "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
+"""Search space of the heads trained on fixed features (AdamW)."""
+
+
+class LinearHeadMethod(Method):
+    """A linear classifier on concatenated taps, standardised with training statistics.
+
+    Subclasses choose the taps; :meth:`feature_count` is their flattened width.
+    """
+
+    train_defaults = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=100,
+                                 warmup_epochs=10, batch_size=64)
+    grid = LINEAR_GRID
+
+    def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
+        super().__init__(config, backbone, num_classes)
+        width = self.feature_count()
+        self.standardize = Standardize(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def feature_count(self) -> int:
+        """Width of the concatenated, flattened taps."""
+        return sum(_flat_size(t, self.backbone_info) for t in self.taps(self.config, self.backbone_info))
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Standardised feature vectors of a batch."""
+        return self.standardize(concat_taps(batch, self.tap_keys()))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.features(batch))
+
+    def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
+        """Fit the standardisation on ``data``, then train the head."""
+        self.standardize.fit(concat_taps(data.features, self.tap_keys()))
+        return train(self, data, cfg, progress=progress, desc=self.name)
+
+
+def _flat_size(tap: Tap, backbone: dict[str, Any]) -> int:
+    dim = backbone["dim"]
+    if tap.reduce in ("cls", "patch_mean"):
+        return dim
+    if tap.reduce.startswith("pool"):
+        return int(tap.reduce[4:]) ** 2 * dim
+    raise ValueError(f"linear heads read pooled taps, not {tap.key}")
+
+
+@dataclass
+class LinearProbeConfig:
+    """Linear probe on the final normed tokens.
+
+    Attributes:
+        patch_mean: also use the mean of the patch tokens (``[CLS, mean]``), as in
+            the DINOv2 linear evaluation; False reads CLS alone.
+    """
+
+    patch_mean: bool = False
+
+
+@register
+class LinearProbe(LinearHeadMethod):
+    """Linear probe: a linear head on the final CLS token (optionally + mean patch token)."""
+
+    name = "linear"
+    config_class = LinearProbeConfig
+    summary = "linear head on the final CLS token (patch_mean=true adds the mean patch token)"
+
+    @classmethod
+    def taps(cls, config: LinearProbeConfig, backbone: dict[str, Any]) -> list[Tap]:
+        taps = [Tap("final", "cls")]
+        if config.patch_mean:
+            taps.append(Tap("final", "patch_mean"))
+        return taps

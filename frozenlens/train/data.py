@@ -1,0 +1,52 @@
+"""Training data made of stored taps: features by tap key, plus labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from frozenlens.store.store import ActivationStore
+
+
+@dataclass
+class TapData:
+    """Rows of a store (or of in-memory tensors) with their labels.
+
+    Attributes:
+        features: tap key -> tensor with one row per example (float32).
+        labels: class index per example.
+        num_classes: size of the label space.
+    """
+
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def from_store(cls, store: ActivationStore, keys: Sequence[str], paths: Sequence[str],
+                   labels: Sequence[int], num_classes: int) -> "TapData":
+        """Load taps ``keys`` for the images ``paths`` (any order) from ``store``."""
+        rows = store.index_of(paths)
+        features = {k: torch.from_numpy(store.get(k, rows).astype(np.float32)) for k in keys}
+        return cls(features, torch.as_tensor(list(labels), dtype=torch.long), num_classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, keys: Sequence[str]) -> "TapData":
+        """The same examples with only taps ``keys``."""
+        return TapData({k: self.features[k] for k in keys}, self.labels, self.num_classes)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Minibatches ``(features, labels)``; shuffled with ``generator`` when asked."""
+        count = len(self)
+        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+        for start in range(0, count, batch_size):
+            idx = order[start:start + batch_size]
+            batch = {k: v[idx].to(device) for k, v in self.features.items()}
+            yield batch, self.labels[idx].to(device)

@@ -1,0 +1,130 @@
+"""The one trainer for everything that learns from stored taps.
+
+Optimisers Adam, AdamW and SGD (momentum), linear warm-up then cosine decay
+per step, seeded shuffling and initialisation so that a run is repeatable, and
+an ``evaluate`` that returns accuracy and logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from frozenlens.train.data import TapData
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; ``lr`` is the rate for a batch of ``batch_size``."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+
+    def updated(self, **changes: Any) -> "TrainConfig":
+        """A copy with ``changes`` applied (unknown names are an error)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON reports."""
+        return asdict(self)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.optimizer``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that require gradients."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool = False,
+          desc: str = "training") -> list[float]:
+    """Train ``model`` on ``data``; returns the mean loss of each epoch.
+
+    The loss is cross-entropy plus ``model.regularization()`` when the model
+    defines it (e.g. Head2Toe's group lasso).
+    """
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(cfg.device).train()
+    optimizer = make_optimizer(trainable_parameters(model), cfg)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_epochs * steps_per_epoch,
+                              cfg.epochs * steps_per_epoch)
+    regularization = getattr(model, "regularization", None)
+    losses = []
+    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
+        total = 0.0
+        for features, labels in data.batches(cfg.batch_size, shuffle=True, generator=generator,
+                                             device=cfg.device):
+            loss = F.cross_entropy(model(features), labels, label_smoothing=cfg.label_smoothing)
+            if regularization is not None:
+                loss = loss + regularization()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss) * len(labels)
+        losses.append(total / len(data))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: TapData, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits for every example of ``data``, in order."""
+    model.to(device).eval()
+    outs = [model(features).float().cpu() for features, _ in data.batches(batch_size, device=device)]
+    return torch.cat(outs)
+
+
+def evaluate(model: nn.Module, data: TapData, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    logits = predict_logits(model, data, device=device)
+    return float((logits.argmax(1) == data.labels).float().mean())

