@@ -54,8 +54,20 @@ class Method(nn.Module):
         """Logits from a batch of tap values."""
         raise NotImplementedError
 
+    def reset_trainable(self, seed: int) -> None:
+        """Re-initialise every module that owns trainable parameters, from ``seed``.
+
+        Fitting starts here, so the same seed gives the same model.
+        """
+        torch.manual_seed(seed)
+        for module in self.modules():
+            owns = any(p.requires_grad for p in module.parameters(recurse=False))
+            if owns and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
     def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
-        """Train on ``data``; the default is one run of the shared trainer."""
+        """Train on ``data`` from a seeded initialisation with the shared trainer."""
+        self.reset_trainable(cfg.seed)
         return train(self, data, cfg, progress=progress, desc=self.name)
 
 

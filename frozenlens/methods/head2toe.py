@@ -78,6 +78,7 @@ class Head2Toe(LinearHeadMethod):
     def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
         """Selection stage (all features, group lasso), keep the top rows, retrain the head."""
         self.standardize.fit(concat_taps(data.features, self.tap_keys()))
+        self.reset_trainable(cfg.seed)
         self._lasso_weight = nn.Linear(self.feature_count(), self.num_classes)
         losses = train(self, data, cfg, progress=progress, desc=f"{self.name} select")
         scores = self._lasso_weight.weight.detach().norm(dim=0)

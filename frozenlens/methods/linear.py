@@ -12,7 +12,7 @@ from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import Standardize, concat_taps
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, train
+from frozenlens.train.trainer import TrainConfig
 
 LINEAR_GRID = {"lr": [1e-2, 1e-3, 1e-4], "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
 """Search space of the heads trained on fixed features (AdamW)."""
@@ -48,7 +48,7 @@ class LinearHeadMethod(Method):
     def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
         """Fit the standardisation on ``data``, then train the head."""
         self.standardize.fit(concat_taps(data.features, self.tap_keys()))
-        return train(self, data, cfg, progress=progress, desc=self.name)
+        return super().fit(data, cfg, progress=progress)
 
 
 def _flat_size(tap: Tap, backbone: dict[str, Any]) -> int:

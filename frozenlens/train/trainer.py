@@ -109,7 +109,7 @@ def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool =
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss) * len(labels)
+            total += float(loss.detach()) * len(labels)
         losses.append(total / len(data))
     model.eval()
     return losses
