@@ -54,6 +54,10 @@ class Method(nn.Module):
         """Logits from a batch of tap values."""
         raise NotImplementedError
 
+    def regularization(self) -> torch.Tensor:
+        """Extra loss term added by the trainer (none by default)."""
+        return torch.zeros(())
+
     def reset_trainable(self, seed: int) -> None:
         """Re-initialise every module that owns trainable parameters, from ``seed``.
 

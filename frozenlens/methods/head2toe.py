@@ -17,10 +17,10 @@ from torch import nn
 
 from frozenlens.backbones.taps import Tap, block_tap
 from frozenlens.methods.base import register
-from frozenlens.methods.layers import concat_taps, group_lasso
+from frozenlens.methods.layers import group_lasso
 from frozenlens.methods.linear import LinearHeadMethod
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, train
+from frozenlens.train.trainer import TrainConfig
 
 
 @dataclass
@@ -63,11 +63,11 @@ class Head2Toe(LinearHeadMethod):
         reductions = (["cls"] if config.include_cls else []) + [f"pool{g}" for g in config.pool_sizes]
         return [block_tap(i, r) for i in range(backbone["depth"]) for r in reductions]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = self.features(batch)
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """All features through the selection head while selecting, else the kept ones."""
         if self._lasso_weight is not None:
-            return self._lasso_weight(features)
-        return self.head(features[:, self.selected])
+            return self._lasso_weight(x)
+        return self.head(x[:, self.selected])
 
     def regularization(self) -> torch.Tensor:
         """Group lasso on the selection head while it trains, zero afterwards."""
@@ -77,12 +77,12 @@ class Head2Toe(LinearHeadMethod):
 
     def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
         """Selection stage (all features, group lasso), keep the top rows, retrain the head."""
-        self.standardize.fit(concat_taps(data.features, self.tap_keys()))
+        features = self.prepare_features(data)
         self.reset_trainable(cfg.seed)
         self._lasso_weight = nn.Linear(self.feature_count(), self.num_classes)
-        losses = train(self, data, cfg, progress=progress, desc=f"{self.name} select")
+        losses = self.train_head(features, cfg, progress, f"{self.name} select")
         scores = self._lasso_weight.weight.detach().norm(dim=0)
         self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)
         self._lasso_weight = None
         self.head.reset_parameters()
-        return losses + train(self, data, cfg, progress=progress, desc=f"{self.name} retrain")
+        return losses + self.train_head(features, cfg, progress, f"{self.name} retrain")

@@ -33,5 +33,9 @@ class Standardize(nn.Module):
 
 
 def group_lasso(weight: torch.Tensor) -> torch.Tensor:
-    """Sum over input features of the L2 norm of their weights (``weight`` is ``(C, F)``)."""
-    return weight.norm(dim=0).sum()
+    """Sum over input features of the L2 norm of their weights (``weight`` is ``(C, F)``).
+
+    Written as sqrt(sum of squares): several times faster on CPU than
+    ``norm(dim=0)``, which reduces across the strided axis.
+    """
+    return weight.square().sum(0).sqrt().sum()

@@ -12,7 +12,7 @@ from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import Standardize, concat_taps
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig
+from frozenlens.train.trainer import TrainConfig, train
 
 LINEAR_GRID = {"lr": [1e-2, 1e-3, 1e-4], "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
 """Search space of the heads trained on fixed features (AdamW)."""
@@ -25,7 +25,7 @@ class LinearHeadMethod(Method):
     """
 
     train_defaults = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=100,
-                                 warmup_epochs=10, batch_size=64)
+                                 warmup_epochs=10, batch_size=128)
     grid = LINEAR_GRID
 
     def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
@@ -42,13 +42,47 @@ class LinearHeadMethod(Method):
         """Standardised feature vectors of a batch."""
         return self.standardize(concat_taps(batch, self.tap_keys()))
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from standardised feature vectors (the trainable part)."""
+        return self.head(x)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.features(batch))
+        return self.classify(self.features(batch))
 
     def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
         """Fit the standardisation on ``data``, then train the head."""
+        features = self.prepare_features(data)
+        self.reset_trainable(cfg.seed)
+        return self.train_head(features, cfg, progress, self.name)
+
+    def prepare_features(self, data: TapData) -> TapData:
+        """Fit the standardisation on ``data`` and return its feature vectors, computed once.
+
+        The features do not change during training, so every epoch reads the
+        same matrix instead of re-concatenating and re-standardising taps.
+        """
         self.standardize.fit(concat_taps(data.features, self.tap_keys()))
-        return super().fit(data, cfg, progress=progress)
+        with torch.no_grad():
+            matrix = self.features(data.features)
+        return TapData({"features": matrix}, data.labels, data.num_classes)
+
+    def train_head(self, features: TapData, cfg: TrainConfig, progress: bool, desc: str) -> list[float]:
+        """Train :meth:`classify` on precomputed feature vectors."""
+        return train(_Classifier(self), features, cfg, progress=progress, desc=desc)
+
+
+class _Classifier(nn.Module):
+    """Training view of a linear-head method: logits from precomputed features."""
+
+    def __init__(self, method: LinearHeadMethod):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.method.classify(batch["features"])
+
+    def regularization(self) -> torch.Tensor:
+        return self.method.regularization()
 
 
 def _flat_size(tap: Tap, backbone: dict[str, Any]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import threading
 import time
@@ -19,6 +21,15 @@ def current_rss_bytes() -> int:
             return int(handle.read().split()[1]) * _PAGE
     except OSError:
         return 0
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so growth shows in the RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Measure:
@@ -39,6 +50,7 @@ class Measure:
         self._start_bytes = 0
 
     def __enter__(self) -> "Measure":
+        _release_free_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

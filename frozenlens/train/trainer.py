@@ -98,7 +98,7 @@ def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool =
                               cfg.epochs * steps_per_epoch)
     regularization = getattr(model, "regularization", None)
     losses = []
-    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
+    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False):
         total = 0.0
         for features, labels in data.batches(cfg.batch_size, shuffle=True, generator=generator,
                                              device=cfg.device):
