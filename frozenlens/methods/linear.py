@@ -61,9 +61,10 @@ class LinearHeadMethod(Method):
         The features do not change during training, so every epoch reads the
         same matrix instead of re-concatenating and re-standardising taps.
         """
-        self.standardize.fit(concat_taps(data.features, self.tap_keys()))
+        features = data.subset(self.tap_keys()).float_features()
+        self.standardize.fit(concat_taps(features, self.tap_keys()))
         with torch.no_grad():
-            matrix = self.features(data.features)
+            matrix = self.features(features)
         return TapData({"features": matrix}, data.labels, data.num_classes)
 
     def train_head(self, features: TapData, cfg: TrainConfig, progress: bool, desc: str) -> list[float]:

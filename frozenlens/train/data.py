@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from frozenlens.store.store import ActivationStore
@@ -15,8 +14,11 @@ from frozenlens.store.store import ActivationStore
 class TapData:
     """Rows of a store (or of in-memory tensors) with their labels.
 
+    Features keep the store's precision in memory (float16 by default: half the
+    RAM for token taps) and are cast to float32 batch by batch.
+
     Attributes:
-        features: tap key -> tensor with one row per example (float32).
+        features: tap key -> tensor with one row per example.
         labels: class index per example.
         num_classes: size of the label space.
     """
@@ -30,11 +32,15 @@ class TapData:
                    labels: Sequence[int], num_classes: int) -> "TapData":
         """Load taps ``keys`` for the images ``paths`` (any order) from ``store``."""
         rows = store.index_of(paths)
-        features = {k: torch.from_numpy(store.get(k, rows).astype(np.float32)) for k in keys}
+        features = {k: torch.from_numpy(store.get(k, rows)) for k in keys}
         return cls(features, torch.as_tensor(list(labels), dtype=torch.long), num_classes)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def float_features(self) -> dict[str, torch.Tensor]:
+        """Every feature as float32 (a copy when stored in lower precision)."""
+        return {k: v.float() for k, v in self.features.items()}
 
     def subset(self, keys: Sequence[str]) -> "TapData":
         """The same examples with only taps ``keys``."""
@@ -48,5 +54,5 @@ class TapData:
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
         for start in range(0, count, batch_size):
             idx = order[start:start + batch_size]
-            batch = {k: v[idx].to(device) for k, v in self.features.items()}
+            batch = {k: v[idx].to(device).float() for k, v in self.features.items()}
             yield batch, self.labels[idx].to(device)
