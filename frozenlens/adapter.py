@@ -15,6 +15,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from frozenlens import __version__
+from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.errors import AdapterError
 from frozenlens.methods import Method, build_method, config_to_dict
 
@@ -59,24 +60,28 @@ def read_adapter_meta(adapter_dir: Path | str) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(adapter_dir: Path | str, backbone: dict[str, Any] | None = None) -> tuple[Method, dict[str, Any]]:
+def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | dict[str, Any] | None = None,
+                 ) -> tuple[Method, dict[str, Any]]:
     """Rebuild the method of an adapter folder.
 
     Args:
         adapter_dir: folder written by :func:`save_adapter`.
-        backbone: description of the backbone it will run on; refused when its
-            weights hash differs from the one the adapter was trained on.
+        backbone: the backbone it will run on (or its description); refused when
+            its weights hash differs from the one the adapter was trained on.
+            Methods that reuse backbone modules need the backbone itself.
     """
     folder = Path(adapter_dir)
     meta = read_adapter_meta(folder)
     trained_on = meta["backbone"]
-    if backbone is not None and backbone["weights_hash"] != trained_on["weights_hash"]:
+    info = backbone.describe() if isinstance(backbone, FrozenBackbone) else backbone
+    if info is not None and info["weights_hash"] != trained_on["weights_hash"]:
         raise AdapterError(
             f"{folder} was trained on backbone {trained_on['name']!r} (weights "
-            f"{trained_on['weights_hash'][:12]}), not on {backbone['name']!r} (weights "
-            f"{backbone['weights_hash'][:12]}); use --backbone {trained_on['name']}"
+            f"{trained_on['weights_hash'][:12]}), not on {info['name']!r} (weights "
+            f"{info['weights_hash'][:12]}); use --backbone {trained_on['name']}"
         )
-    method = build_method(meta["method"], meta["config"], trained_on, len(meta["classes"]))
+    source = backbone if isinstance(backbone, FrozenBackbone) else trained_on
+    method = build_method(meta["method"], meta["config"], source, len(meta["classes"]))
     try:
         method.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     except (OSError, RuntimeError) as err:

@@ -13,7 +13,7 @@ from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone
 from frozenlens.data import Task, load_image, load_task
 from frozenlens.errors import FrozenlensError
-from frozenlens.methods import build_method, get_method, make_config
+from frozenlens.methods import get_method, make_config
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, extract
 from frozenlens.train.protocol import MethodResult, run_protocol
@@ -108,7 +108,7 @@ def fit(
         cfg = method_class.train_defaults.updated(device=device, **({"epochs": epochs} if epochs else {}))
         if progress:
             print(f"training {spec.label}" + (" (grid search on train/val)" if grid else ""))
-        result = run_protocol(spec.name, configs[spec.label], store, task, info, train_config=cfg,
+        result = run_protocol(spec.name, configs[spec.label], store, task, net, train_config=cfg,
                               grid=method_class.grid if grid else None, seeds=seeds, progress=progress)
         results[spec.label] = result
         records.append(result_record(spec.label, result, store.bytes_per_image))
@@ -163,7 +163,7 @@ def predict(
         raise FrozenlensError("predict needs at least one adapter folder")
     metas = [read_adapter_meta(a) for a in adapters]
     net = backbone if isinstance(backbone, FrozenBackbone) else _backbone_for(metas[0], backbone, device)
-    loaded = [load_adapter(a, net.describe()) for a in adapters]
+    loaded = [load_adapter(a, net) for a in adapters]
     taps = sorted({Tap.parse(k) for method, _ in loaded for k in method.tap_keys()})
     transform = net.transform()
     predictions = []

@@ -123,3 +123,33 @@ def test_adapter_holds_only_what_the_method_learned(tmp_path):
 def test_train_rejects_bad_config():
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+
+
+def test_holdout_is_stratified_and_disjoint():
+    data = _blobs(n=60)
+    rest, held = data.holdout(0.2, seed=1)
+    assert len(rest) + len(held) == 60 and len(held) == 12
+    assert torch.bincount(held.labels).tolist() == [4, 4, 4]
+    again = data.holdout(0.2, seed=1)[1]
+    assert torch.equal(again.labels, held.labels)
+
+
+def test_grid_searches_method_settings_too(tiny_task, tiny_backbone):
+    from frozenlens.store import extract
+    from frozenlens.data import load_task
+    from frozenlens.train.protocol import run_protocol
+
+    task = load_task(tiny_task)
+    config = make_config("head2toe")
+    from frozenlens.methods import get_method
+    store = extract(tiny_backbone, [str(i.path) for i in task.all_images()],
+                    get_method("head2toe").taps(config, tiny_backbone.describe()), progress=False)
+    result = run_protocol("head2toe", config, store, task, tiny_backbone,
+                          train_config=TrainConfig(epochs=3, warmup_epochs=1),
+                          grid={"keep_fraction": [0.05, 0.5], "lr": [1e-2]})
+    assert [row["keep_fraction"] for row in result.grid] == [0.05, 0.5]
+    best = max(result.grid, key=lambda row: row["val_accuracy"])
+    assert result.config.keep_fraction == best["keep_fraction"]
+    with pytest.raises(FrozenlensError, match="neither"):
+        run_protocol("head2toe", config, store, task, tiny_backbone,
+                     train_config=TrainConfig(epochs=1), grid={"nonsense": [1]})

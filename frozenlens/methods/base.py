@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.data import TapData
@@ -40,6 +41,28 @@ class Method(nn.Module):
         self.config = config
         self.backbone_info = backbone
         self.num_classes = num_classes
+        self._frozen: list[FrozenBackbone] = []  # a list: not a submodule, not in the state dict
+
+    def bind(self, backbone: FrozenBackbone) -> None:
+        """Give the method the frozen backbone whose modules it reuses (e.g. VQT's blocks).
+
+        The backbone is not registered as a submodule: adapters never hold its weights.
+        """
+        if backbone.weights_hash != self.backbone_info["weights_hash"]:
+            raise FrozenlensError(f"{self.name}: bound backbone differs from the one it was built for")
+        self._frozen[:] = [backbone]
+
+    @property
+    def frozen_backbone(self) -> FrozenBackbone:
+        """The bound frozen backbone (see :meth:`bind`)."""
+        if not self._frozen:
+            raise FrozenlensError(f"method {self.name!r} needs the frozen backbone: build it with "
+                                  "build_method(..., backbone=<FrozenBackbone>)")
+        return self._frozen[0]
+
+    def backbone_source(self) -> "FrozenBackbone | dict[str, Any]":
+        """What :func:`build_method` needs to build a sibling of this method."""
+        return self._frozen[0] if self._frozen else self.backbone_info
 
     @classmethod
     def taps(cls, config: Any, backbone: dict[str, Any]) -> list[Tap]:
@@ -69,8 +92,13 @@ class Method(nn.Module):
             if owns and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
-        """Train on ``data`` from a seeded initialisation with the shared trainer."""
+    def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
+            progress: bool = False) -> list[float]:
+        """Train on ``data`` from a seeded initialisation with the shared trainer.
+
+        ``val`` is given during the grid search, for methods that select something
+        on validation data (the base method ignores it); the final runs get None.
+        """
         self.reset_trainable(cfg.seed)
         return train(self, data, cfg, progress=progress, desc=self.name)
 
@@ -108,11 +136,20 @@ def make_config(name: str, values: dict[str, Any] | None = None) -> Any:
     return config_class(**kwargs)
 
 
-def build_method(name: str, config: Any, backbone: dict[str, Any], num_classes: int) -> Method:
-    """Instantiate method ``name``; ``config`` may be a dataclass, a dict or None (defaults)."""
+def build_method(name: str, config: Any, backbone: "FrozenBackbone | dict[str, Any]",
+                 num_classes: int) -> Method:
+    """Instantiate method ``name``; ``config`` may be a dataclass, a dict or None (defaults).
+
+    ``backbone`` is the frozen backbone (bound to the method, for methods that
+    reuse its modules) or just its :meth:`~FrozenBackbone.describe` dict.
+    """
     if config is None or isinstance(config, dict):
         config = make_config(name, config)
-    return get_method(name)(config, backbone, num_classes)
+    info = backbone.describe() if isinstance(backbone, FrozenBackbone) else backbone
+    method = get_method(name)(config, info, num_classes)
+    if isinstance(backbone, FrozenBackbone):
+        method.bind(backbone)
+    return method
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -75,7 +75,8 @@ class Head2Toe(LinearHeadMethod):
             return torch.zeros(())
         return self.config.group_lasso * group_lasso(self._lasso_weight.weight)
 
-    def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
+    def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
+            progress: bool = False) -> list[float]:
         """Selection stage (all features, group lasso), keep the top rows, retrain the head."""
         features = self.prepare_features(data)
         self.reset_trainable(cfg.seed)

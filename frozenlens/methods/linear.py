@@ -49,7 +49,8 @@ class LinearHeadMethod(Method):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.classify(self.features(batch))
 
-    def fit(self, data: TapData, cfg: TrainConfig, *, progress: bool = False) -> list[float]:
+    def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
+            progress: bool = False) -> list[float]:
         """Fit the standardisation on ``data``, then train the head."""
         features = self.prepare_features(data)
         self.reset_trainable(cfg.seed)

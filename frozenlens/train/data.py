@@ -42,6 +42,26 @@ class TapData:
         """Every feature as float32 (a copy when stored in lower precision)."""
         return {k: v.float() for k, v in self.features.items()}
 
+    def rows(self, index: torch.Tensor) -> "TapData":
+        """The examples at ``index``."""
+        return TapData({k: v[index] for k, v in self.features.items()}, self.labels[index],
+                       self.num_classes)
+
+    def holdout(self, fraction: float = 0.2, seed: int = 0) -> tuple["TapData", "TapData"]:
+        """Stratified split into (rest, held out): for methods that select on validation
+        data when the protocol gives them none (the final runs on train+val)."""
+        generator = torch.Generator().manual_seed(seed)
+        held = []
+        for label in self.labels.unique():
+            members = torch.nonzero(self.labels == label).flatten()
+            members = members[torch.randperm(len(members), generator=generator)]
+            count = min(len(members) - 1, max(1, round(fraction * len(members))))
+            held.append(members[:max(count, 0)])
+        held_index = torch.cat(held).sort().values
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held_index] = False
+        return self.rows(torch.nonzero(keep).flatten()), self.rows(held_index)
+
     def subset(self, keys: Sequence[str]) -> "TapData":
         """The same examples with only taps ``keys``."""
         return TapData({k: self.features[k] for k in keys}, self.labels, self.num_classes)

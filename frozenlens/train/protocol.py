@@ -8,12 +8,15 @@ split: it is only evaluated once per final model.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import Task
+from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, build_method
 from frozenlens.store.store import ActivationStore
 from frozenlens.train.data import TapData
@@ -64,48 +67,78 @@ def run_protocol(
     config: Any,
     store: ActivationStore,
     task: Task,
-    backbone: dict[str, Any],
+    backbone: FrozenBackbone | dict[str, Any],
     *,
     train_config: TrainConfig,
     grid: dict[str, list[Any]] | None = None,
     seeds: Sequence[int] = (0,),
     progress: bool = False,
 ) -> MethodResult:
-    """Tune on train/val when ``grid`` is given, then train on trainval per seed, test once."""
+    """Tune on train/val when ``grid`` is given, then train on trainval per seed, test once.
+
+    Grid keys name :class:`TrainConfig` fields (lr, weight_decay, ...) or fields
+    of the method's config (e.g. MIST's gather depth); both kinds are searched
+    together. During the search, ``fit`` also receives the val split, for
+    methods that select something on validation data.
+    """
     probe = build_method(method, config, backbone, len(task.classes))
-    keys = probe.tap_keys()
     result = MethodResult(method, probe.config, train_config)
+    data = _SplitCache(store, task)
     if grid:
-        result.grid, result.train_config = _search(probe, store, task, keys, train_config, grid, progress)
-    trainval = split_data(store, task, "trainval", keys)
-    test = split_data(store, task, "test", keys) if "test" in task.splits else None
+        result.grid, result.train_config, result.config = _search(probe, data, train_config, grid, progress)
     for seed in seeds:
-        model = build_method(method, probe.config, backbone, len(task.classes))
+        model = build_method(method, result.config, backbone, len(task.classes))
         cfg = result.train_config.updated(seed=seed)
         with Measure(cfg.device) as measured:
-            model.fit(trainval, cfg, progress=progress)
+            model.fit(data.get("trainval", model.tap_keys()), cfg, progress=progress)
         result.train_seconds += measured.seconds / len(seeds)
         result.peak_memory_mb = max(result.peak_memory_mb, measured.peak_mb)
-        if test is not None:
-            result.test_accuracies.append(evaluate(model, test, cfg.device))
+        if "test" in task.splits:
+            result.test_accuracies.append(evaluate(model, data.get("test", model.tap_keys()), cfg.device))
         if result.model is None:
             result.model = model
     result.trainable_params = count_trainable(result.model)
     return result
 
 
-def _search(probe: Method, store: ActivationStore, task: Task, keys: list[str], base: TrainConfig,
-            grid: dict[str, list[Any]], progress: bool) -> tuple[list[dict[str, Any]], TrainConfig]:
-    train, val = split_data(store, task, "train", keys), split_data(store, task, "val", keys)
-    rows, best, best_acc = [], base, -1.0
+class _SplitCache:
+    """Tap data of each split, loaded from the store once per set of taps."""
+
+    def __init__(self, store: ActivationStore, task: Task):
+        self.store, self.task = store, task
+        self._loaded: dict[tuple[str, tuple[str, ...]], TapData] = {}
+
+    def get(self, split: str, keys: Sequence[str]) -> TapData:
+        key = (split, tuple(keys))
+        if key not in self._loaded:
+            self._loaded[key] = split_data(self.store, self.task, split, keys)
+        return self._loaded[key]
+
+
+def _split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate a grid point into TrainConfig changes and method-config changes."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    method_fields = {f.name for f in dataclasses.fields(config)}
+    unknown = set(point) - train_fields - method_fields
+    if unknown:
+        raise FrozenlensError(f"grid names {sorted(unknown)}: neither training nor method settings")
+    return ({k: v for k, v in point.items() if k in train_fields},
+            {k: v for k, v in point.items() if k not in train_fields})
+
+
+def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str, list[Any]],
+            progress: bool) -> tuple[list[dict[str, Any]], TrainConfig, Any]:
+    rows, best, best_acc = [], (base, probe.config), -1.0
     for point in grid_points(grid):
-        cfg = base.updated(**point)
-        model = build_method(probe.name, probe.config, probe.backbone_info, len(task.classes))
-        model.fit(train, cfg, progress=False)
-        accuracy = evaluate(model, val, cfg.device)
+        train_changes, config_changes = _split_point(point, probe.config)
+        cfg, config = base.updated(**train_changes), dataclasses.replace(probe.config, **config_changes)
+        model = build_method(probe.name, config, probe.backbone_source(), probe.num_classes)
+        keys = model.tap_keys()
+        model.fit(data.get("train", keys), cfg, val=data.get("val", keys), progress=False)
+        accuracy = evaluate(model, data.get("val", keys), cfg.device)
         rows.append({**point, "val_accuracy": accuracy})
         if progress:
             print(f"  {probe.name} {point} val={accuracy:.4f}")
         if accuracy > best_acc:
-            best, best_acc = cfg, accuracy
-    return rows, best
+            best, best_acc = (cfg, config), accuracy
+    return rows, best[0], best[1]
