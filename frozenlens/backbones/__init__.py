@@ -155,6 +155,11 @@ def _load_from_hub(name: str, img_size: int | None) -> FrozenBackbone:
             f"unknown backbone {name!r}: not an offline name ({', '.join(OFFLINE_BACKBONES)}), "
             "not a file, and not a timm model name (see `frozenlens backbones`)"
         )
+    if not _hub_reachable() and not _in_hub_cache(name):
+        raise BackboneError(
+            f"cannot download pretrained weights for {name!r}: the Hugging Face hub is unreachable "
+            f"and the weights are not in the local hub cache. {_OFFLINE_HINT}"
+        )
     try:
         model = _create(name, img_size, pretrained=True)
     except BackboneError:
@@ -162,10 +167,36 @@ def _load_from_hub(name: str, img_size: int | None) -> FrozenBackbone:
     except Exception as err:  # hub unreachable: many exception types, all mean the same here
         raise BackboneError(
             f"cannot download pretrained weights for {name!r} ({type(err).__name__}: {err}). "
-            f"Offline options: '{DEFAULT_BACKBONE}' (the default), a local checkpoint "
-            "'file.safetensors --arch <timm-arch>', or 'random:<timm-arch>'."
+            f"{_OFFLINE_HINT}"
         ) from err
     return FrozenBackbone(model, name, name, _data_config(model))
+
+
+_OFFLINE_HINT = (f"Offline options: '{DEFAULT_BACKBONE}' (the default), a local checkpoint "
+                 "'file.safetensors --arch <timm-arch>', or 'random:<timm-arch>'.")
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host name resolves (fails at once on a machine without internet)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether timm's weights for ``name`` may already be in the local Hugging Face cache."""
+    import os
+
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(
+        os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    return (hub / f"models--timm--{name}").is_dir()
 
 
 __all__ = [
