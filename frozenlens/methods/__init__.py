@@ -1,6 +1,7 @@
 """Methods, one module each, registered by name.
 
-``linear`` and ``head2toe`` read pooled taps from the activation store.
+``linear`` and ``head2toe`` read pooled taps from the activation store; ``vqt``,
+``inca`` and ``open-inca`` read token taps from it.
 """
 
 from frozenlens.methods.base import (
@@ -13,7 +14,9 @@ from frozenlens.methods.base import (
     register,
 )
 from frozenlens.methods import head2toe as _head2toe  # noqa: F401  (registers)
+from frozenlens.methods import inca as _inca  # noqa: F401  (registers)
 from frozenlens.methods import linear as _linear  # noqa: F401  (registers)
+from frozenlens.methods import vqt as _vqt  # noqa: F401  (registers)
 
 __all__ = ["Method", "build_method", "config_to_dict", "get_method", "make_config",
            "method_names", "register"]

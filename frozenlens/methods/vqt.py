@@ -1,0 +1,289 @@
+"""VQT, Visual Query Tuning (Tu et al., CVPR 2023), trained from the activation store.
+
+Every block ``l`` gets ``T`` learnable query tokens. They produce only
+queries: keys and values come from the block's original input tokens, so the
+backbone's activations stay exactly what they were (see
+:mod:`frozenlens.methods.query_attention`). The query rows go through the rest
+of the frozen block, and their outputs summarise block ``l``. A linear head
+reads the final CLS token plus every block's summary, each L2-normalised and
+concatenated (or, with ``aggregate="weighted_sum"``, summed with learned
+weights). Optionally the features are compressed afterwards with Head2Toe's
+group-lasso selection: the queries are frozen, a head with a group-lasso
+penalty ranks the features, and a fresh head is trained on the top
+``keep_fraction``.
+
+Blocks are independent given their inputs, so all of them train at once from
+the stored inputs of every block (``embed:tokens``, ``block.{i}:tokens``). A
+fit first computes ``norm1`` of those inputs once (it depends on nothing
+learned) and then trains on that. ``docs/methods/vqt.md`` has the defaults,
+the measured costs and where this differs from the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from frozenlens.backbones.base import FrozenBackbone
+from frozenlens.backbones.taps import Tap
+from frozenlens.methods.base import Method, register
+from frozenlens.methods.layers import group_lasso
+from frozenlens.methods.query_attention import check_block, input_taps, query_block
+from frozenlens.train.data import TapData
+from frozenlens.train.trainer import TrainConfig, train
+
+AGGREGATES = ("concat", "weighted_sum")
+CLS_KEY = "final:cls"
+NORMED_PREFIX = "norm1."
+PAPER_LRS = (1.0, 0.5, 0.25, 0.1, 0.05)
+"""The paper's learning rates for a batch of 256; the grid scales them to the batch (lr/256*b)."""
+
+
+@dataclass
+class VQTConfig:
+    """VQT settings.
+
+    Attributes:
+        num_queries: query tokens per block, T (paper: 1 for natural and specialised
+            tasks; 10-20 helps structured ones).
+        aggregate: ``"concat"`` (paper default) or ``"weighted_sum"``: one learned
+            weight per summary vector and for the CLS token, summed into a D-vector.
+        normalize: L2-normalise the CLS token and each block's summary before the head.
+        query_dropout: dropout on the query tokens while training (official scripts: 0.1).
+        compress: after training, select features with group lasso and retrain the head.
+        keep_fraction: fraction of the features kept when compressing (paper: 0.7).
+        group_lasso: group-lasso coefficient of the selection head (official code: 1e-4).
+    """
+
+    num_queries: int = 1
+    aggregate: str = "concat"
+    normalize: bool = True
+    query_dropout: float = 0.1
+    compress: bool = False
+    keep_fraction: float = 0.7
+    group_lasso: float = 1e-4
+
+
+@register
+class VQT(Method):
+    """Visual Query Tuning: learned query tokens summarise every block; a linear head reads them."""
+
+    name = "vqt"
+    config_class = VQTConfig
+    summary = ("query-only tokens summarise every block (activations untouched); linear head on "
+               "final CLS + summaries")
+    train_defaults = TrainConfig(optimizer="adam", lr=0.05, weight_decay=1e-4, epochs=100,
+                                 warmup_epochs=10, batch_size=128)
+    grid = {"lr": [lr / 256 * 128 for lr in PAPER_LRS], "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
+
+    def __init__(self, config: VQTConfig, backbone: dict[str, Any], num_classes: int):
+        _check_config(config)
+        super().__init__(config, backbone, num_classes)
+        depth, dim = backbone["depth"], backbone["dim"]
+        self.queries = nn.Parameter(torch.zeros(depth, config.num_queries, dim))
+        if config.aggregate == "weighted_sum":
+            self.summary_weights = nn.Parameter(torch.ones(depth * config.num_queries + 1))
+        self.dropout = nn.Dropout(config.query_dropout)
+        width = self.feature_count()
+        self.num_kept = max(1, round(config.keep_fraction * width)) if config.compress else width
+        if config.compress:
+            self.register_buffer("selected", torch.arange(self.num_kept))
+        self.head = nn.Linear(self.num_kept, num_classes)
+        self._init_trainable()
+
+    # -- description ------------------------------------------------------------------
+    @classmethod
+    def taps(cls, config: VQTConfig, backbone: dict[str, Any]) -> list[Tap]:
+        """Every block's input tokens and the final CLS token."""
+        return input_taps(backbone["depth"]) + [Tap("final", "cls")]
+
+    def feature_count(self) -> int:
+        """Width of the head's input before any compression."""
+        dim = self.backbone_info["dim"]
+        if self.config.aggregate == "weighted_sum":
+            return dim
+        return dim * (1 + self.backbone_info["depth"] * self.config.num_queries)
+
+    def reset_trainable(self, seed: int) -> None:
+        """Re-initialise queries, summary weights and head from ``seed``."""
+        torch.manual_seed(seed)
+        self._init_trainable()
+
+    def _init_trainable(self) -> None:
+        """Queries uniform in +-sqrt(6 / (3 * patch_area + D)) as in VPT/VQT; head as the official code."""
+        bound = math.sqrt(6.0 / (3 * _patch_area(self.backbone_info) + self.backbone_info["dim"]))
+        nn.init.uniform_(self.queries, -bound, bound)
+        if self.config.aggregate == "weighted_sum":
+            nn.init.ones_(self.summary_weights)
+        _init_head(self.head)
+        if self.config.compress:
+            self.selected.copy_(torch.arange(self.num_kept))
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits from raw taps: each block's input tokens and the final CLS token."""
+        return self.classify(self.features(batch, normed=False))
+
+    def summaries(self, batch: dict[str, torch.Tensor], *, normed: bool) -> list[torch.Tensor]:
+        """Each block's query outputs ``(B, T, D)``.
+
+        ``batch`` holds the block inputs under their tap keys, or (``normed``) their
+        ``norm1`` under ``norm1.<l>`` as made by :meth:`normed_inputs`.
+        """
+        blocks = self.frozen_backbone.model.blocks
+        keys = self._input_keys(normed)
+        batch_size = batch[keys[0]].shape[0]
+        outputs = []
+        for layer, (block, key) in enumerate(zip(blocks, keys)):
+            queries = self.queries[layer].unsqueeze(0)
+            if self.training and self.dropout.p > 0:
+                queries = self.dropout(queries.expand(batch_size, -1, -1))
+            outputs.append(query_block(block, queries, batch[key], normed=normed))
+        return outputs
+
+    def features(self, batch: dict[str, torch.Tensor], *, normed: bool) -> torch.Tensor:
+        """Head input ``(B, F)``: final CLS and every block's summary, aggregated."""
+        cls_token, outputs = batch[CLS_KEY], self.summaries(batch, normed=normed)
+        if self.config.aggregate == "weighted_sum":
+            vectors = torch.cat([cls_token.unsqueeze(1)] + outputs, dim=1)       # (B, 1+L*T, D)
+            vectors = F.normalize(vectors, dim=-1) if self.config.normalize else vectors
+            return torch.einsum("bkd,k->bd", vectors, self.summary_weights)
+        parts = [cls_token] + [o.flatten(1) for o in outputs]
+        if self.config.normalize:
+            parts = [F.normalize(p, dim=-1) for p in parts]
+        return torch.cat(parts, dim=1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from head inputs (the kept ones when compressed)."""
+        if self.config.compress:
+            features = features[:, self.selected]
+        return self.head(features)
+
+    # -- training -----------------------------------------------------------------------
+    def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None,
+            progress: bool = False) -> list[float]:
+        """Train queries and head together; then, with ``compress``, select and retrain the head.
+
+        ``data`` is a :class:`TapData` (from the store: ``norm1`` of every block input
+        is computed once, then every epoch reads it) or any source with the same
+        ``batches`` interface, e.g. :class:`frozenlens.train.live.LiveTaps`.
+        """
+        self.reset_trainable(cfg.seed)
+        if isinstance(data, TapData):
+            source, model = self.normed_inputs(data), _NormedInputs(self)
+        else:
+            source, model = data, self
+        losses = train(model, source, cfg, progress=progress, desc=self.name)
+        if self.config.compress:
+            losses += self._compress(source, model, cfg, progress)
+        return losses
+
+    @torch.no_grad()
+    def normed_inputs(self, data: TapData, chunk: int = 64) -> TapData:
+        """``norm1`` of every block's input (``norm1.<l>``) plus the final CLS token.
+
+        Kept in the precision of the stored taps (float16 by default: the same memory
+        as the raw inputs); computed in float32.
+        """
+        blocks = self.frozen_backbone.model.blocks
+        features = {CLS_KEY: data.features[CLS_KEY]}
+        for layer, key in enumerate(self._input_keys(False)):
+            raw = data.features[key]
+            out = torch.empty(raw.shape, dtype=raw.dtype)
+            for start in range(0, raw.shape[0], chunk):
+                out[start:start + chunk] = blocks[layer].norm1(raw[start:start + chunk].float())
+            features[NORMED_PREFIX + str(layer)] = out
+        return TapData(features, data.labels, data.num_classes)
+
+    def _compress(self, source: Any, model: nn.Module, cfg: TrainConfig, progress: bool) -> list[float]:
+        """Head2Toe's two stages on the frozen summaries (official code: lr halved in both)."""
+        features = TapData({"features": self._feature_matrix(source, model, cfg)}, source.labels,
+                           source.num_classes)
+        head_cfg = cfg.updated(lr=cfg.lr * 0.5)
+        selector = _FeatureHead(nn.Linear(self.feature_count(), self.num_classes), self.config.group_lasso)
+        torch.manual_seed(cfg.seed)
+        _init_head(selector.linear)
+        losses = train(selector, features, head_cfg, progress=progress, desc=f"{self.name} select")
+        scores = selector.linear.weight.detach().square().sum(0)
+        self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)
+        _init_head(self.head)
+        retrain = _FeatureHead(self.head, 0.0, self.selected)
+        return losses + train(retrain, features, head_cfg, progress=progress, desc=f"{self.name} retrain")
+
+    @torch.no_grad()
+    def _feature_matrix(self, source: Any, model: nn.Module, cfg: TrainConfig) -> torch.Tensor:
+        """Head inputs of every example (eval mode: no query dropout)."""
+        model.eval()
+        normed = isinstance(model, _NormedInputs)
+        rows = [self.features(batch, normed=normed).cpu()
+                for batch, _ in source.batches(cfg.batch_size, device=cfg.device)]
+        return torch.cat(rows)
+
+    def _input_keys(self, normed: bool) -> list[str]:
+        depth = self.backbone_info["depth"]
+        if normed:
+            return [NORMED_PREFIX + str(layer) for layer in range(depth)]
+        return [t.key for t in input_taps(depth)]
+
+    def bind(self, backbone: FrozenBackbone) -> None:
+        """Bind the frozen backbone; its blocks must support query-only tokens."""
+        for block in backbone.model.blocks:
+            check_block(block)
+        super().bind(backbone)
+
+
+class _NormedInputs(nn.Module):
+    """Training view of VQT on precomputed ``norm1`` of the block inputs."""
+
+    def __init__(self, method: VQT):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.method.classify(self.method.features(batch, normed=True))
+
+
+class _FeatureHead(nn.Module):
+    """A linear head on precomputed features (optionally a subset), with optional group lasso."""
+
+    def __init__(self, linear: nn.Linear, lasso: float, selected: torch.Tensor | None = None):
+        super().__init__()
+        self.linear, self.lasso, self.selected = linear, lasso, selected
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["features"]
+        return self.linear(x if self.selected is None else x[:, self.selected])
+
+    def regularization(self) -> torch.Tensor:
+        if not self.lasso:
+            return torch.zeros(())
+        return self.lasso * group_lasso(self.linear.weight)
+
+
+def _init_head(linear: nn.Linear) -> None:
+    """Kaiming-normal (fan out) weights, zero bias, as the official VQT head."""
+    nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
+    nn.init.zeros_(linear.bias)
+
+
+def _patch_area(backbone: dict[str, Any]) -> int:
+    """Pixels per patch, from the input size and the patch grid (16 x 16 when unknown)."""
+    size = backbone.get("data_config", {}).get("input_size", [None])[-1]
+    grid = backbone.get("grid_size", [None])[-1]
+    return (size // grid) ** 2 if size and grid else 256
+
+
+def _check_config(config: VQTConfig) -> None:
+    if config.num_queries < 1:
+        raise ValueError(f"num_queries={config.num_queries}: must be at least 1")
+    if config.aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={config.aggregate!r}: use one of {', '.join(AGGREGATES)}")
+    if not 0 < config.keep_fraction <= 1:
+        raise ValueError(f"keep_fraction={config.keep_fraction}: must be in (0, 1]")
+    if not 0 <= config.query_dropout < 1:
+        raise ValueError(f"query_dropout={config.query_dropout}: must be in [0, 1)")
