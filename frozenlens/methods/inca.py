@@ -27,13 +27,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from frozenlens.backbones.taps import Tap, block_tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, make_optimizer, trainable_parameters, warmup_cosine
+from frozenlens.train.trainer import TrainConfig, train
 
 LayerSpec = str | tuple[int, ...]
 
@@ -264,35 +263,24 @@ def slot_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     return per_example.mean(0)
 
 
+def slot_objective(model: "ParallelAdapters", features: dict[str, torch.Tensor], labels: torch.Tensor,
+                   label_smoothing: float) -> tuple[torch.Tensor, float]:
+    """The sum of the slots' losses (to minimise) and their mean (to report)."""
+    per_slot = slot_losses(model.slot_logits(features), labels, label_smoothing)
+    return per_slot.sum(), float(per_slot.detach().mean())
+
+
 def train_parallel(model: "ParallelAdapters", data: TapData, cfg: TrainConfig, *,
                    progress: bool = False, desc: str = "training") -> list[float]:
-    """Train every slot of ``model`` on ``data``; the loss is the sum of the slot losses.
+    """Train every slot of ``model`` on ``data`` with the shared trainer; the loss is the sum of
+    the slot losses.
 
     Adam(W) updates each parameter from its own gradient, and no slot's loss
     reaches another slot's parameters, so each slot follows exactly the path it
     would follow alone (same batches, same schedule). Returns the mean slot loss
-    of each epoch. Seeding, optimiser and schedule are those of the shared trainer.
+    of each epoch.
     """
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    model.to(cfg.device).train()
-    optimizer = make_optimizer(trainable_parameters(model), cfg)
-    steps = math.ceil(len(data) / cfg.batch_size)
-    scheduler = warmup_cosine(optimizer, cfg.warmup_epochs * steps, cfg.epochs * steps)
-    losses = []
-    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False):
-        total = 0.0
-        for features, labels in data.batches(cfg.batch_size, shuffle=True, generator=generator,
-                                             device=cfg.device):
-            per_slot = slot_losses(model.slot_logits(features), labels, cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            per_slot.sum().backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(per_slot.detach().mean()) * len(labels)
-        losses.append(total / len(data))
-    model.eval()
-    return losses
+    return train(model, data, cfg, progress=progress, desc=desc, objective=slot_objective)
 
 
 @torch.no_grad()

@@ -188,7 +188,7 @@ class VQT(Method):
         """``norm1`` of every block's input (``norm1.<l>``) plus the final CLS token.
 
         Kept in the precision of the stored taps (float16 by default: the same memory
-        as the raw inputs); computed in float32.
+        as the raw inputs, and faster to gather per batch than float32); computed in float32.
         """
         blocks = self.frozen_backbone.model.blocks
         features = {CLS_KEY: data.features[CLS_KEY]}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from frozenlens.train.allocator import reuse_freed_memory
 from frozenlens.train.data import TapData
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -82,13 +83,30 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool = False,
-          desc: str = "training") -> list[float]:
-    """Train ``model`` on ``data``; returns the mean loss of each epoch.
+Objective = Callable[[nn.Module, Any, torch.Tensor, float], tuple[torch.Tensor, float]]
+"""``(model, features, labels, label_smoothing) -> (loss to minimise, loss to report)``."""
 
-    The loss is cross-entropy plus ``model.regularization()`` when the model
-    defines it (e.g. Head2Toe's group lasso).
+
+def cross_entropy_objective(model: nn.Module, features: Any, labels: torch.Tensor,
+                            label_smoothing: float) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of ``model(features)`` plus ``model.regularization()`` when defined."""
+    loss = F.cross_entropy(model(features), labels, label_smoothing=label_smoothing)
+    regularization = getattr(model, "regularization", None)
+    if regularization is not None:
+        loss = loss + regularization()
+    return loss, float(loss.detach())
+
+
+def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool = False,
+          desc: str = "training", objective: Objective = cross_entropy_objective) -> list[float]:
+    """Train ``model`` on ``data``; returns the mean reported loss of each epoch.
+
+    The default objective is cross-entropy plus ``model.regularization()`` when
+    the model defines it (e.g. Head2Toe's group lasso); InCA passes its own
+    (the sum of per-adapter losses). ``data`` is anything with ``batches`` and
+    ``len`` (:class:`TapData`, or a source that computes taps live).
     """
+    reuse_freed_memory()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(cfg.device).train()
@@ -96,20 +114,17 @@ def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool =
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     scheduler = warmup_cosine(optimizer, cfg.warmup_epochs * steps_per_epoch,
                               cfg.epochs * steps_per_epoch)
-    regularization = getattr(model, "regularization", None)
     losses = []
     for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False):
         total = 0.0
         for features, labels in data.batches(cfg.batch_size, shuffle=True, generator=generator,
                                              device=cfg.device):
-            loss = F.cross_entropy(model(features), labels, label_smoothing=cfg.label_smoothing)
-            if regularization is not None:
-                loss = loss + regularization()
+            loss, reported = objective(model, features, labels, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss.detach()) * len(labels)
+            total += reported * len(labels)
         losses.append(total / len(data))
     model.eval()
     return losses
