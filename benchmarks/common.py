@@ -1,0 +1,54 @@
+"""What every benchmark records: the command that ran it and the machine it ran on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def command_line(script: str | Path) -> str:
+    """The command that ran ``script``, as typed from the repository root."""
+    env = f"FROZENLENS_CACHE={shlex.quote(os.environ['FROZENLENS_CACHE'])} " \
+        if "FROZENLENS_CACHE" in os.environ else ""
+    relative = os.path.relpath(Path(script).resolve(), REPO_ROOT)
+    return f"{env}.venv/bin/python {shlex.join([relative, *sys.argv[1:]])}"
+
+
+def machine_context() -> dict[str, Any]:
+    """Date, processor, core count and library versions."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"processor": platform.processor() or platform.machine(),
+                    "platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def machine_line(ctx: dict[str, Any]) -> str:
+    """One Markdown line describing the machine of ``machine_context``."""
+    gpu = f", GPU {ctx['cuda']}" if ctx.get("cuda") else ", no GPU"
+    return (f"Machine: {ctx['machine']['processor']}, {ctx['machine']['cpu_count']} CPUs{gpu}; "
+            f"torch {ctx['torch']} ({ctx['torch_threads']} threads); date {ctx['date']}.")
+
+
+def resolve_task(name: str) -> Path | None:
+    """A task folder: a path, or the name of a task in ``../shared/data``; None when absent."""
+    path = Path(name)
+    if (path / "test.txt").is_file():
+        return path
+    shared = SHARED_DATA / name
+    return shared if (shared / "test.txt").is_file() else None
