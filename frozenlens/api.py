@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -14,15 +15,25 @@ from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_bac
 from frozenlens.data import Task, load_image, load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import get_method, make_config
+from frozenlens.methods.base import convert_setting
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, extract
 from frozenlens.train.protocol import MethodResult, run_protocol
 from frozenlens.train.trainer import TrainConfig
 
 
+TRAIN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "device"))
+"""Training settings a method spec may override, e.g. ``vqt:epochs=20,lr=0.01``."""
+
+
 @dataclass
 class MethodSpec:
-    """A method name with settings, parsed from ``"name"`` or ``"name:key=value,key=value"``."""
+    """A method name with settings, parsed from ``"name"`` or ``"name:key=value,key=value"``.
+
+    Keys are the method's config fields, the training settings in
+    :data:`TRAIN_SETTINGS` (``epochs``, ``lr``, ``weight_decay``, ``batch_size`` ...),
+    or ``seeds`` (``0+1+2``: this method's final-run seeds instead of the global ones).
+    """
 
     name: str
     settings: dict[str, str] = field(default_factory=dict)
@@ -36,14 +47,38 @@ class MethodSpec:
             if not eq:
                 raise FrozenlensError(f"method spec {text!r}: settings are key=value, comma-separated")
             settings[key.strip()] = value.strip()
-        get_method(name)
-        return cls(name, settings)
+        spec = cls(name, settings)
+        make_config(name, spec.method_settings)  # unknown method or setting: fail before any work
+        spec.train_overrides()
+        spec.seeds(())
+        return spec
 
     @property
     def label(self) -> str:
         """Folder-safe name, e.g. ``linear-patch_mean=true``."""
         extra = ",".join(f"{k}={v}" for k, v in self.settings.items())
         return f"{self.name}-{extra}" if extra else self.name
+
+    @property
+    def method_settings(self) -> dict[str, str]:
+        """Settings of the method's config."""
+        return {k: v for k, v in self.settings.items() if k not in TRAIN_SETTINGS and k != "seeds"}
+
+    def train_overrides(self) -> dict[str, Any]:
+        """Training settings given in the spec, converted to their types."""
+        defaults = TrainConfig()
+        return {k: convert_setting(v, getattr(defaults, k), k)
+                for k, v in self.settings.items() if k in TRAIN_SETTINGS}
+
+    def seeds(self, default: Sequence[int]) -> list[int]:
+        """The spec's ``seeds`` (``0+1+2``), else ``default``."""
+        if "seeds" not in self.settings:
+            return list(default)
+        try:
+            return [int(s) for s in self.settings["seeds"].split("+") if s.strip()]
+        except ValueError as err:
+            raise FrozenlensError(f"method spec {self.label!r}: seeds are integers joined by '+', "
+                                  "e.g. seeds=0+1+2") from err
 
 
 @dataclass
@@ -66,7 +101,7 @@ def fit(
     backbone: str | FrozenBackbone = DEFAULT_BACKBONE,
     arch: str | None = None,
     img_size: int | None = None,
-    grid: bool = False,
+    grid: bool | Collection[str] = False,
     seeds: Sequence[int] = (0,),
     epochs: int | None = None,
     out: str | Path | None = None,
@@ -79,10 +114,12 @@ def fit(
 
     Args:
         data: task folder (VTAB-1k export, ImageFolder or HF imagefolder) or a :class:`Task`.
-        methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``.
+        methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``;
+            a spec may also override training settings and seeds (``"vqt:epochs=20,seeds=0"``).
         backbone: backbone name/path (see :func:`frozenlens.load_backbone`) or a loaded one.
         arch, img_size: passed to :func:`frozenlens.load_backbone`.
-        grid: tune lr x weight decay on train/val first (the VTAB protocol).
+        grid: tune lr x weight decay on train/val first (the VTAB protocol): True for every
+            method, or the labels (:attr:`MethodSpec.label`) of the methods to tune.
         seeds: final runs on train+val, one per seed; test accuracy is their mean.
         epochs: override the methods' default number of epochs.
         out: folder for adapters (``<out>/<method>/``) and ``results.{json,md}``; None writes nothing.
@@ -96,7 +133,7 @@ def fit(
     net = backbone if isinstance(backbone, FrozenBackbone) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
     info = net.describe()
-    configs = {s.label: make_config(s.name, s.settings) for s in specs}
+    configs = {s.label: make_config(s.name, s.method_settings) for s in specs}
     taps = sorted({t for s in specs for t in get_method(s.name).taps(configs[s.label], info)})
     started = time.perf_counter()
     store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
@@ -105,13 +142,16 @@ def fit(
     results, records = {}, []
     for spec in specs:
         method_class = get_method(spec.name)
-        cfg = method_class.train_defaults.updated(device=device, **({"epochs": epochs} if epochs else {}))
+        overrides = {**({"epochs": epochs} if epochs else {}), **spec.train_overrides()}
+        cfg = method_class.train_defaults.updated(device=device, **overrides)
+        tune = grid is True or (not isinstance(grid, bool) and spec.label in grid)
         if progress:
-            print(f"training {spec.label}" + (" (grid search on train/val)" if grid else ""))
+            print(f"training {spec.label}" + (" (grid search on train/val)" if tune else ""))
         result = run_protocol(spec.name, configs[spec.label], store, task, net, train_config=cfg,
-                              grid=method_class.grid if grid else None, seeds=seeds, progress=progress)
+                              grid=method_class.grid if tune else None, seeds=spec.seeds(seeds),
+                              progress=progress)
         results[spec.label] = result
-        records.append(result_record(spec.label, result, store.bytes_per_image))
+        records.append(result_record(spec.label, result, store.bytes_per_image_of(result.model.tap_keys())))
     out_dir = Path(out) if out else None
     if out_dir is not None:
         _save(out_dir, task, net, store, results, records, extract_seconds, store_dtype, seeds, grid)
@@ -120,7 +160,7 @@ def fit(
 
 def _save(out_dir: Path, task: Task, net: FrozenBackbone, store: ActivationStore,
           results: dict[str, MethodResult], records: list[dict[str, Any]], extract_seconds: float,
-          store_dtype: str, seeds: Sequence[int], grid: bool) -> None:
+          store_dtype: str, seeds: Sequence[int], grid: bool | Collection[str]) -> None:
     for label, result in results.items():
         record = next(r for r in records if r["label"] == label)
         save_adapter(out_dir / label, result.model, task.classes,
@@ -131,7 +171,7 @@ def _save(out_dir: Path, task: Task, net: FrozenBackbone, store: ActivationStore
         "train_images": len(task.split("trainval")),
         "test_images": len(task.splits.get("test", [])),
         "store": str(store.path), "extract_seconds_this_run": round(extract_seconds, 1),
-        "seeds": list(seeds), "grid_search": grid,
+        "seeds": list(seeds), "grid_search": grid if isinstance(grid, bool) else sorted(grid),
     }
     write_results(out_dir, records, context)
 

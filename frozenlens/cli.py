@@ -61,7 +61,8 @@ def _seeds(text: str) -> list[int]:
 def _add_fit_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", dest="methods", metavar="NAME[:key=value,...]",
                         help="method to train, repeatable (default: linear); settings after a colon, "
-                             "e.g. head2toe:keep_fraction=0.2 (see `frozenlens methods`)")
+                             "e.g. head2toe:keep_fraction=0.2 (see `frozenlens methods`); training "
+                             "settings and seeds per method too, e.g. vqt:epochs=20,lr=0.01,seeds=0+1")
     parser.add_argument("--grid", action="store_true",
                         help="VTAB protocol: pick lr x weight decay on train/val, then retrain on "
                              "train+val (never selects on test)")

@@ -9,12 +9,12 @@ from typing import Any, Sequence
 from frozenlens.methods import config_to_dict
 from frozenlens.train.protocol import MethodResult
 
-COLUMNS = ["method", "test acc", "best val acc", "trainable params", "train time (s)",
-           "peak mem (MB)", "store KB/img"]
+COLUMNS = ["method", "test acc", "best val acc", "epochs", "trainable params", "train time (s)",
+           "peak mem (MB)", "taps KB/img"]
 
 
 def result_record(label: str, result: MethodResult, store_bytes_per_image: float) -> dict[str, Any]:
-    """JSON-able summary of one method's result."""
+    """JSON-able summary of one method's result; ``store_bytes_per_image`` counts the taps it reads."""
     best_val = max((row["val_accuracy"] for row in result.grid), default=None)
     return {
         "label": label,
@@ -46,7 +46,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         val = "—" if r["best_val_accuracy"] is None else f"{100 * r['best_val_accuracy']:.2f}"
-        cells = [r["label"], _fmt_acc(r), val, f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}",
+        cells = [r["label"], _fmt_acc(r), val, str(r["train_config"]["epochs"]), f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}",
                  f"{r['peak_memory_mb']:.0f}", f"{r['store_bytes_per_image'] / 1024:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -60,6 +60,7 @@ def write_results(out_dir: Path, records: Sequence[dict[str, Any]], context: dic
     header = [f"# frozenlens results: {context.get('task', '')}", ""]
     header += [f"- {k}: {v}" for k, v in context.items() if not isinstance(v, (dict, list))]
     note = ("Test accuracy is of models retrained on train+val with the hyper-parameters "
-            "chosen on val (never on test); mean ± std over seeds.")
+            "chosen on val (never on test; '—' in 'best val acc': no grid search, defaults used); "
+            "mean ± std over seeds. 'taps KB/img': stored activations the method reads.")
     md_path.write_text("\n".join(header + ["", markdown_table(records), "", note, ""]))
     return json_path, md_path

@@ -132,7 +132,7 @@ def make_config(name: str, values: dict[str, Any] | None = None) -> Any:
                 f"method {name!r} has no setting {key!r}; settings: {', '.join(fields)}"
             )
         default = getattr(config_class(), key)
-        kwargs[key] = _convert(value, default, key) if isinstance(value, str) else value
+        kwargs[key] = convert_setting(value, default, key) if isinstance(value, str) else value
     return config_class(**kwargs)
 
 
@@ -157,7 +157,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _convert(text: str, default: Any, key: str) -> Any:
+def convert_setting(text: str, default: Any, key: str) -> Any:
+    """``text`` converted to the type of ``default`` (bool, tuple, int, float, str); clear error otherwise."""
     try:
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -127,6 +127,11 @@ class ActivationStore:
         """Stored bytes per image, all taps together."""
         return self.meta["bytes_total"] / max(self.num_images, 1)
 
+    def bytes_per_image_of(self, keys: Iterable[str]) -> int:
+        """Stored bytes per image of taps ``keys`` alone."""
+        itemsize = np.dtype(self.dtype).itemsize
+        return sum(int(np.prod(self.shape(k))) * itemsize for k in keys)
+
     def shape(self, key: str) -> tuple[int, ...]:
         """Per-image shape of tap ``key``."""
         return tuple(self.meta["shapes"][self._check(key)])
