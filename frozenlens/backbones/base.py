@@ -130,17 +130,23 @@ class FrozenBackbone(nn.Module):
     def forward_taps(self, images: torch.Tensor, taps: Iterable[Tap]) -> dict[str, torch.Tensor]:
         """Values of ``taps`` for a batch of preprocessed images, from one pass.
 
-        Blocks after the last one a tap needs are not run.
+        Blocks after the last one a tap needs are not run. A ``gather.<k>`` tap
+        is the float32 running sum of the embedding output and blocks ``0..k-1``.
         """
         taps = list(taps)
-        wanted = _sites_by_position(taps, self.depth)
+        gathers = _gathers_by_depth(taps, self.depth)
+        wanted = _sites_by_position([t for t in taps if t.gather_depth is None], self.depth)
         out: dict[str, torch.Tensor] = {}
         x = self.embed(images)
+        total = x.float() if gathers else None
         self._record(out, wanted.get(-1, ()), x)
-        last = max(wanted) if wanted else -1
+        last = max([*wanted, max(gathers, default=0) - 1]) if wanted or gathers else -1
         for index, block in enumerate(self.model.blocks[: min(last, self.depth - 1) + 1]):
             x = block(x)
             self._record(out, wanted.get(index, ()), x)
+            if gathers:
+                total = total + x.float()
+                self._record(out, gathers.get(index + 1, ()), total)
         if self.depth in wanted:
             self._record(out, wanted[self.depth], self.model.norm(x))
         return out
@@ -158,6 +164,19 @@ def _sites_by_position(taps: Sequence[Tap], depth: int) -> dict[int, list[Tap]]:
         if position >= depth and tap.block is not None:
             raise ValueError(f"tap {tap.key}: this backbone has blocks 0..{depth - 1}")
         grouped.setdefault(position, []).append(tap)
+    return grouped
+
+
+def _gathers_by_depth(taps: Sequence[Tap], depth: int) -> dict[int, list[Tap]]:
+    """Group ``gather.<k>`` taps by ``k`` (the number of blocks they sum)."""
+    grouped: dict[int, list[Tap]] = {}
+    for tap in taps:
+        k = tap.gather_depth
+        if k is None:
+            continue
+        if k > depth:
+            raise ValueError(f"tap {tap.key}: this backbone has {depth} blocks, so k is 1..{depth}")
+        grouped.setdefault(k, []).append(tap)
     return grouped
 
 

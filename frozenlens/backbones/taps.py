@@ -8,6 +8,8 @@ site             meaning
 ``embed``        input of block 0 (patch embedding + position + ``norm_pre``)
 ``block.<i>``    output of block ``i`` (0-based), i.e. the input of block i+1
 ``final``        output of the final norm (what timm's ``forward_features`` returns)
+``gather.<k>``   MIST's gather g_k: ``embed`` plus the outputs of blocks ``0..k-1``,
+                 summed in float32 (one token map however many blocks it sums)
 ===============  =============================================================
 
 ==================  ==========================================================
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from frozenlens.errors import FrozenlensError
 
-_SITE = re.compile(r"^(embed|final|block\.(\d+))$")
+_SITE = re.compile(r"^(embed|final|block\.(\d+)|gather\.([1-9]\d*))$")
 _REDUCE = re.compile(r"^(tokens|cls|prefix|patch_mean|pool(\d+))$")
 
 
@@ -48,7 +50,7 @@ class Tap:
     def __post_init__(self) -> None:
         if not _SITE.match(self.site):
             raise FrozenlensError(
-                f"unknown tap site {self.site!r}: use 'embed', 'block.<i>' or 'final'"
+                f"unknown tap site {self.site!r}: use 'embed', 'block.<i>', 'final' or 'gather.<k>' (k >= 1)"
             )
         if not _REDUCE.match(self.reduce):
             raise FrozenlensError(
@@ -68,8 +70,21 @@ class Tap:
         return cls(site, reduce or "tokens")
 
     @property
+    def gather_depth(self) -> int | None:
+        """``k`` of a ``gather.<k>`` site (the number of blocks it sums), None for other sites."""
+        return int(self.site.split(".")[1]) if self.site.startswith("gather.") else None
+
+    @property
     def block(self) -> int | None:
-        """Block index of a ``block.<i>`` site, -1 for ``embed``, None for ``final``."""
+        """Block index of a ``block.<i>`` site, -1 for ``embed``, None for ``final``.
+
+        A ``gather.<k>`` tap is a sum over blocks, not one site: asking for its
+        block is an error (see :attr:`gather_depth`).
+        """
+        if self.gather_depth is not None:
+            raise FrozenlensError(f"tap {self.key} sums blocks 0..{self.gather_depth - 1}: it has no "
+                                  "single block; read Tap.gather_depth, or compute it with "
+                                  "FrozenBackbone.forward_taps")
         if self.site == "embed":
             return -1
         if self.site == "final":

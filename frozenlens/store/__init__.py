@@ -1,5 +1,5 @@
 """The activation store: run the backbone once per image, train everything from disk."""
 
-from frozenlens.store.store import ActivationStore, extract, find_store, store_root
+from frozenlens.store.store import ActivationStore, TapSource, extract, find_store, store_root
 
-__all__ = ["ActivationStore", "extract", "find_store", "store_root"]
+__all__ = ["ActivationStore", "TapSource", "extract", "find_store", "store_root"]

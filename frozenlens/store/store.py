@@ -8,7 +8,9 @@ Layout of one store (``<cache>/stores/<key>/``)::
     complete.json        written last: the store is whole
 
 The key hashes the backbone weights, its preprocessing, the taps, the dtype and
-the image files (paths and contents). A shard folder is written under a
+the image files (paths and contents); taps computed elsewhere (a feature server,
+see :class:`TapSource`) add their origin, e.g. ``remote:int8``, so they never mix
+with locally computed ones. A shard folder is written under a
 temporary name and renamed into place, so a folder named ``shards/NNNNNN`` is
 always complete; an interrupted extraction resumes at the first missing shard
 and never recomputes a finished one. Arrays are plain ``.npy`` (loaded with
@@ -23,7 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -61,6 +63,29 @@ def images_fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+@runtime_checkable
+class TapSource(Protocol):
+    """Computes tap values for image files somewhere other than a local backbone.
+
+    :func:`extract` fills a store from a :class:`FrozenBackbone` or from a
+    source like this one (the feature server's client,
+    :class:`frozenlens.serve.client.RemoteTaps`); shards are written the same way,
+    so a remote fetch resumes exactly like a local extraction.
+    """
+
+    origin: str
+    """Where values come from, e.g. ``"remote:int8"``; part of the store key."""
+
+    def describe(self) -> dict:
+        """Identity of the backbone that computes the taps (as :meth:`FrozenBackbone.describe`)."""
+
+    def tap_shape(self, tap: Tap) -> tuple[int, ...]:
+        """Per-image shape of ``tap``'s value."""
+
+    def compute_taps(self, image_paths: Sequence[str], taps: Sequence[Tap]) -> Mapping[str, np.ndarray]:
+        """Values of ``taps`` for ``image_paths``, one row per image, as float arrays."""
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What an extraction must produce; hashed into the store key."""
@@ -70,11 +95,13 @@ class _Plan:
     dtype: str
     images: tuple[str, ...]
     fingerprint: str
+    origin: str | None = None
 
     @property
     def base(self) -> dict:
-        return {"format": STORE_FORMAT, "backbone": self.backbone, "dtype": self.dtype,
+        base = {"format": STORE_FORMAT, "backbone": self.backbone, "dtype": self.dtype,
                 "images": self.fingerprint}
+        return {**base, "origin": self.origin} if self.origin else base
 
     @property
     def base_key(self) -> str:
@@ -193,7 +220,7 @@ def find_store(root: Path, base_key: str, taps: Iterable[str]) -> ActivationStor
 
 
 def extract(
-    backbone: FrozenBackbone,
+    backbone: FrozenBackbone | TapSource,
     images: Sequence[Path | str],
     taps: Iterable[Tap],
     *,
@@ -207,7 +234,8 @@ def extract(
     """Run ``backbone`` once over ``images`` and store ``taps``; resume or reuse when possible.
 
     Args:
-        backbone: the frozen backbone.
+        backbone: the frozen backbone, or a :class:`TapSource` that computes the
+            taps elsewhere (e.g. a feature server).
         images: image files, in the order rows will have in the store.
         taps: activations to keep.
         root: folder of stores (default :func:`store_root`).
@@ -226,8 +254,9 @@ def extract(
     root = Path(root) if root else store_root()
     taps = sorted(set(taps))
     paths = [str(Path(p)) for p in images]
+    origin = None if isinstance(backbone, FrozenBackbone) else backbone.origin
     plan = _Plan(backbone.describe(), tuple(t.key for t in taps), dtype, tuple(paths),
-                 images_fingerprint([Path(p) for p in paths]))
+                 images_fingerprint([Path(p) for p in paths]), origin)
     existing = find_store(root, plan.base_key, plan.taps)
     if existing is not None:
         if progress:
@@ -239,7 +268,7 @@ def extract(
     return _finish(path, meta)
 
 
-def _write_meta(path: Path, plan: _Plan, backbone: FrozenBackbone, taps: list[Tap],
+def _write_meta(path: Path, plan: _Plan, backbone: FrozenBackbone | TapSource, taps: list[Tap],
                 shard_size: int | None) -> dict:
     meta_file = path / "meta.json"
     if meta_file.is_file():
@@ -253,13 +282,13 @@ def _write_meta(path: Path, plan: _Plan, backbone: FrozenBackbone, taps: list[Ta
         "backbone": plan.backbone, "taps": list(plan.taps), "shapes": shapes,
         "dtype": plan.dtype, "num_images": len(plan.images), "shard_size": size,
         "num_shards": -(-len(plan.images) // size), "images": list(plan.images),
-        "images_fingerprint": plan.fingerprint,
+        "images_fingerprint": plan.fingerprint, **({"origin": plan.origin} if plan.origin else {}),
     }
     _atomic_write_text(meta_file, json.dumps(meta, indent=1))
     return meta
 
 
-def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone, taps: list[Tap],
+def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TapSource, taps: list[Tap],
                      batch_size: int, progress: bool, device) -> None:
     shards_dir = ensure_dir(path / "shards")
     for stale in shards_dir.glob(".tmp-*"):
@@ -270,7 +299,8 @@ def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone, taps: lis
     finished = len(images) - sum(len(images[s * size:(s + 1) * size]) for s in todo)
     if progress and done:
         print(f"resuming extraction in {path}: {len(done)}/{meta['num_shards']} shards already done")
-    bar = tqdm(total=len(images), initial=finished, unit="img", desc="extracting",
+    desc = "extracting" if isinstance(backbone, FrozenBackbone) else f"fetching ({backbone.origin})"
+    bar = tqdm(total=len(images), initial=finished, unit="img", desc=desc,
                disable=not progress, dynamic_ncols=True)
     with bar:
         for shard in todo:
@@ -279,9 +309,12 @@ def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone, taps: lis
             _write_shard(shards_dir, shard, arrays)
 
 
-def _run_shard(backbone: FrozenBackbone, image_paths: list[str], taps: list[Tap], batch_size: int,
-               dtype: str, device, bar) -> dict[str, np.ndarray]:
+def _run_shard(backbone: FrozenBackbone | TapSource, image_paths: list[str], taps: list[Tap],
+               batch_size: int, dtype: str, device, bar) -> dict[str, np.ndarray]:
     from frozenlens.data.images import load_image
+
+    if not isinstance(backbone, FrozenBackbone):
+        return _fetch_shard(backbone, image_paths, taps, batch_size, dtype, bar)
 
     transform = backbone.transform()
     torch_dtype, _ = _DTYPES[dtype]
@@ -294,6 +327,25 @@ def _run_shard(backbone: FrozenBackbone, image_paths: list[str], taps: list[Tap]
             values = backbone.forward_taps(batch, taps)
         for key, value in values.items():
             parts[key].append(value.to(torch_dtype).cpu().numpy())
+        bar.update(len(chunk))
+    return {key: np.concatenate(chunks) for key, chunks in parts.items()}
+
+
+def _fetch_shard(source: TapSource, image_paths: list[str], taps: list[Tap], batch_size: int,
+                 dtype: str, bar) -> dict[str, np.ndarray]:
+    """A shard's taps computed by ``source``, checked for shape, cast to the store's dtype."""
+    _, np_dtype = _DTYPES[dtype]
+    parts: dict[str, list[np.ndarray]] = {t.key: [] for t in taps}
+    for start in range(0, len(image_paths), batch_size):
+        chunk = image_paths[start:start + batch_size]
+        values = source.compute_taps(chunk, taps)
+        for tap in taps:
+            value = np.asarray(values[tap.key])
+            expected = (len(chunk), *source.tap_shape(tap))
+            if value.shape != expected:
+                raise StoreError(f"{source.origin}: tap {tap.key} came back with shape "
+                                 f"{value.shape}, expected {expected}")
+            parts[tap.key].append(value.astype(np_dtype, copy=False))
         bar.update(len(chunk))
     return {key: np.concatenate(chunks) for key, chunks in parts.items()}
 
