@@ -17,7 +17,7 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.methods import get_method, make_config
 from frozenlens.methods.base import convert_setting
 from frozenlens.report import result_record, write_results
-from frozenlens.store import ActivationStore, extract
+from frozenlens.store import ActivationStore, TapSource, extract
 from frozenlens.train.protocol import MethodResult, run_protocol
 from frozenlens.train.trainer import TrainConfig
 
@@ -86,7 +86,7 @@ class FitReport:
     """What :func:`fit` produced."""
 
     task: Task
-    backbone: FrozenBackbone
+    backbone: FrozenBackbone | TapSource
     store: ActivationStore
     results: dict[str, MethodResult]
     records: list[dict[str, Any]]
@@ -98,7 +98,7 @@ def fit(
     data: str | Path | Task,
     methods: Sequence[str] = ("linear",),
     *,
-    backbone: str | FrozenBackbone = DEFAULT_BACKBONE,
+    backbone: str | FrozenBackbone | TapSource = DEFAULT_BACKBONE,
     arch: str | None = None,
     img_size: int | None = None,
     grid: bool | Collection[str] = False,
@@ -116,7 +116,10 @@ def fit(
         data: task folder (VTAB-1k export, ImageFolder or HF imagefolder) or a :class:`Task`.
         methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``;
             a spec may also override training settings and seeds (``"vqt:epochs=20,seeds=0"``).
-        backbone: backbone name/path (see :func:`frozenlens.load_backbone`) or a loaded one.
+        backbone: backbone name/path (see :func:`frozenlens.load_backbone`), a loaded one, or
+            a :class:`~frozenlens.store.TapSource` that computes taps elsewhere (a feature
+            server: :class:`frozenlens.serve.RemoteTaps`); features then fill the store one
+            request per shard, so an interrupted fetch resumes without fetching anything twice.
         arch, img_size: passed to :func:`frozenlens.load_backbone`.
         grid: tune lr x weight decay on train/val first (the VTAB protocol): True for every
             method, or the labels (:attr:`MethodSpec.label`) of the methods to tune.
@@ -125,19 +128,21 @@ def fit(
         out: folder for adapters (``<out>/<method>/``) and ``results.{json,md}``; None writes nothing.
         device: ``cpu`` or ``cuda``.
         store_dtype: precision of stored taps.
-        batch_size: images per backbone pass during extraction.
+        batch_size: images per backbone pass during extraction (per request when remote).
         progress: progress bars and messages.
     """
     task = data if isinstance(data, Task) else load_task(data)
     specs = [MethodSpec.parse(m) for m in methods]
-    net = backbone if isinstance(backbone, FrozenBackbone) else load_backbone(
+    net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
+    remote = not isinstance(net, FrozenBackbone)
     info = net.describe()
     configs = {s.label: make_config(s.name, s.method_settings) for s in specs}
     taps = sorted({t for s in specs for t in get_method(s.name).taps(configs[s.label], info)})
     started = time.perf_counter()
     store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
-                    batch_size=batch_size, progress=progress, device=device)
+                    batch_size=batch_size, progress=progress, device=device,
+                    shard_size=batch_size if remote else None)
     extract_seconds = time.perf_counter() - started
     results, records = {}, []
     for spec in specs:
@@ -147,7 +152,8 @@ def fit(
         tune = grid is True or (not isinstance(grid, bool) and spec.label in grid)
         if progress:
             print(f"training {spec.label}" + (" (grid search on train/val)" if tune else ""))
-        result = run_protocol(spec.name, configs[spec.label], store, task, net, train_config=cfg,
+        result = run_protocol(spec.name, configs[spec.label], store, task, info if remote else net,
+                              train_config=cfg,
                               grid=method_class.grid if tune else None, seeds=spec.seeds(seeds),
                               progress=progress)
         results[spec.label] = result
@@ -158,19 +164,21 @@ def fit(
     return FitReport(task, net, store, results, records, out_dir, extract_seconds)
 
 
-def _save(out_dir: Path, task: Task, net: FrozenBackbone, store: ActivationStore,
+def _save(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, store: ActivationStore,
           results: dict[str, MethodResult], records: list[dict[str, Any]], extract_seconds: float,
           store_dtype: str, seeds: Sequence[int], grid: bool | Collection[str]) -> None:
     for label, result in results.items():
         record = next(r for r in records if r["label"] == label)
         save_adapter(out_dir / label, result.model, task.classes,
-                     extra={"store_dtype": store_dtype, "result": record})
+                     extra={"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
+                            "result": record})
     context = {
         "task": task.name, "task_root": str(task.root), "backbone": net.name,
         "weights_hash": net.weights_hash, "image_size": net.image_size,
         "train_images": len(task.split("trainval")),
         "test_images": len(task.splits.get("test", [])),
         "store": str(store.path), "extract_seconds_this_run": round(extract_seconds, 1),
+        "features_from": getattr(net, "origin", "local backbone"),
         "seeds": list(seeds), "grid_search": grid if isinstance(grid, bool) else sorted(grid),
     }
     write_results(out_dir, records, context)
@@ -189,7 +197,7 @@ def predict(
     adapters: Sequence[str | Path],
     images: Sequence[str | Path],
     *,
-    backbone: str | FrozenBackbone | None = None,
+    backbone: str | FrozenBackbone | TapSource | None = None,
     top_k: int = 3,
     batch_size: int = 32,
     device: str = "cpu",
@@ -197,27 +205,39 @@ def predict(
     """Classify ``images`` with one or more adapters, from one backbone pass per image.
 
     All adapters must have been trained on the same backbone (checked by weights
-    hash). ``backbone`` defaults to the one recorded in the first adapter.
+    hash). ``backbone`` defaults to the one recorded in the first adapter; a
+    :class:`~frozenlens.store.TapSource` (a feature server) computes the taps
+    remotely, checked against the same weights hash.
     """
     if not adapters:
         raise FrozenlensError("predict needs at least one adapter folder")
     metas = [read_adapter_meta(a) for a in adapters]
-    net = backbone if isinstance(backbone, FrozenBackbone) else _backbone_for(metas[0], backbone, device)
-    loaded = [load_adapter(a, net) for a in adapters]
+    net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else _backbone_for(
+        metas[0], backbone, device)
+    loaded = [load_adapter(a, net if isinstance(net, FrozenBackbone) else net.describe()) for a in adapters]
     taps = sorted({Tap.parse(k) for method, _ in loaded for k in method.tap_keys()})
-    transform = net.transform()
     predictions = []
     for start in range(0, len(images), batch_size):
         chunk = [Path(p) for p in images[start:start + batch_size]]
-        batch = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
         with torch.inference_mode():
-            values = net.forward_taps(batch, taps)
+            values = _tap_values(net, chunk, taps, device)
             for (method, meta), folder in zip(loaded, adapters):
                 dtype = getattr(torch, meta.get("store_dtype", "float32"))
                 feats = {k: v.to(dtype).float() for k, v in values.items()}
                 probs = method.to(device)(feats).softmax(-1).cpu()
                 predictions += _top(chunk, str(folder), probs, meta["classes"], top_k)
     return predictions
+
+
+def _tap_values(net: FrozenBackbone | TapSource, images: list[Path], taps: list[Tap],
+                device: str) -> dict[str, torch.Tensor]:
+    """Values of ``taps`` for ``images``: a local backbone pass, or one request to a feature server."""
+    if isinstance(net, FrozenBackbone):
+        transform = net.transform()
+        batch = torch.stack([transform(load_image(p)) for p in images]).to(device)
+        return net.forward_taps(batch, taps)
+    values = net.compute_taps([str(p) for p in images], taps)
+    return {key: torch.from_numpy(value).to(device) for key, value in values.items()}
 
 
 def _backbone_for(meta: dict[str, Any], name: str | None, device: str) -> FrozenBackbone:

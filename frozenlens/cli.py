@@ -5,6 +5,7 @@
     frozenlens predict runs/mytask/linear photo1.jpg photos/
     frozenlens extract DATA --method head2toe         # fill the activation store only
     frozenlens backbones | frozenlens methods
+    frozenlens serve                                  # the backbone as a feature server (separated tuning)
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ examples:
   frozenlens fit mydata/ --method linear:patch_mean=true --seeds 0,1,2
   frozenlens predict runs/cifar10/linear cat.jpg more_images/
   frozenlens predict runs/cifar10/linear runs/cifar10/head2toe cat.jpg   # two tasks, one backbone pass
+  frozenlens serve --token s3cret                    # separated tuning: the backbone on a server ...
+  frozenlens fit DATA --method mist --remote http://SERVER:8765 --token s3cret --codec int8   # ... the edge
 
 data layouts: a VTAB-1k export (train800.txt, val200.txt, train800val200.txt,
 test.txt, classes.txt), an ImageFolder tree (class/img or split/class/img), or a
@@ -74,6 +77,8 @@ def _add_fit_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from frozenlens.serve.cli import add_remote_args, add_serve_parser
+
     parser = argparse.ArgumentParser(prog="frozenlens", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", help="output folder (default: runs/<task name>)")
     _add_fit_args(fit)
     _add_backbone_args(fit)
+    add_remote_args(fit, codec_default="float16")
 
     extract = sub.add_parser("extract", help="run the backbone once and store the taps methods need")
     extract.add_argument("data", help="task folder")
@@ -117,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     predict.add_argument("--device", default="cpu")
+    add_remote_args(predict, codec_default=None)
 
+    add_serve_parser(sub)
     sub.add_parser("backbones", help="list backbones available offline and by name")
     sub.add_parser("methods", help="list methods, their settings and defaults")
     return parser
@@ -142,7 +150,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     task = load_task(args.data)
     out = Path(args.out or Path("runs") / task.name)
-    report = fit(task, args.methods or ["linear"], backbone=args.backbone, arch=args.arch,
+    backbone = args.backbone
+    if args.remote:
+        from frozenlens.serve.cli import remote_source
+
+        backbone = remote_source(args, args.codec)
+    report = fit(task, args.methods or ["linear"], backbone=backbone, arch=args.arch,
                  img_size=args.img_size, grid=args.grid, seeds=args.seeds, epochs=args.epochs, out=out,
                  device=args.device, store_dtype=args.store_dtype)
     _print_report(report)
@@ -201,7 +214,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FrozenlensError("no adapter folder among the arguments (a folder holding adapter.json)")
     if not images:
         raise FrozenlensError("no images to classify among the arguments")
-    for p in predict(adapters, images, backbone=args.backbone, top_k=args.top_k, device=args.device):
+    backbone = args.backbone
+    if args.remote:
+        from frozenlens.adapter import read_adapter_meta
+        from frozenlens.serve.cli import remote_source
+
+        meta = read_adapter_meta(adapters[0])
+        codec = args.codec or str(meta.get("features_from", "")).removeprefix("remote:") or "float16"
+        backbone = remote_source(args, codec if codec in ("float32", "float16", "int8") else "float16",
+                                 expect_weights_hash=meta["backbone"]["weights_hash"])
+    for p in predict(adapters, images, backbone=backbone, top_k=args.top_k, device=args.device):
         if args.json:
             print(json.dumps({"image": p.image, "adapter": p.adapter, "top": p.top}))
         else:
@@ -241,8 +263,14 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from frozenlens.serve.cli import run_serve
+
+    return run_serve(args)
+
+
 _COMMANDS = {"fit": _cmd_fit, "demo": _cmd_demo, "extract": _cmd_extract, "predict": _cmd_predict,
-             "backbones": _cmd_backbones, "methods": _cmd_methods}
+             "backbones": _cmd_backbones, "methods": _cmd_methods, "serve": _cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

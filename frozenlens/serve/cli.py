@@ -1,0 +1,198 @@
+"""Command-line pieces of separated tuning: ``frozenlens serve`` and the ``--remote`` options.
+
+Kept out of :mod:`frozenlens.cli` so that the main CLI only registers them and
+nothing here imports FastAPI, uvicorn or Ray until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import signal
+import threading
+from typing import Any
+
+from frozenlens.errors import FrozenlensError
+
+DEFAULT_PORT = 8765
+TOKEN_ENV = "FROZENLENS_TOKEN"
+
+SERVE_DESCRIPTION = """\
+Run the frozen backbone as a feature server (MIST's separated tuning): clients
+send images and get back only the features they ask for - MIST's gather g_k
+(gather.<k>:tokens, one token map per image) or a declared tap such as
+final:cls - in float32, float16 or int8 (per-token scale). An edge device then
+trains and predicts with `frozenlens fit/predict --remote URL` and never loads
+the backbone.
+
+Every request needs `Authorization: Bearer TOKEN` (TOKEN from --token,
+$FROZENLENS_TOKEN, or generated and printed at start) unless you pass
+--insecure, which is allowed on a loopback --host only. Ctrl-C or SIGTERM
+stops accepting, answers what is in flight, then exits.
+"""
+
+SERVE_EPILOG = """\
+examples:
+  frozenlens serve                                   # default backbone, 127.0.0.1:8765, prints a token
+  FROZENLENS_TOKEN=s3cret frozenlens serve --host 0.0.0.0 --port 9000 --gather-k 4,8,12
+  frozenlens serve --insecure --tap final:cls --tap block.11:pool2
+  frozenlens serve --ray --replicas 2                # the same app on Ray Serve, dynamic batching
+
+  # then, on the edge:
+  frozenlens fit DATA --method mist --remote http://SERVER:8765 --token s3cret --codec int8
+  frozenlens predict runs/DATA/mist photo.jpg --remote http://SERVER:8765 --token s3cret
+
+endpoints: POST /v1/features, GET /v1/info, GET /v1/health, GET /openapi.json (docs: /docs)
+"""
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``frozenlens serve`` on the CLI's subparsers."""
+    from frozenlens.backbones import DEFAULT_BACKBONE
+
+    parser = sub.add_parser("serve", help="run the backbone as a feature server for edge clients",
+                            description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    net = parser.add_argument_group("backbone and features")
+    net.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default: {DEFAULT_BACKBONE})")
+    net.add_argument("--img-size", type=int, help="input size in pixels (default: the backbone's)")
+    net.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    net.add_argument("--tap", action="append", dest="taps", metavar="SITE:REDUCE",
+                     help="declared tap to serve, repeatable (default: final:cls and final:patch_mean)")
+    net.add_argument("--gather-k", type=_int_list, metavar="K[,K...]",
+                     help="gather depths k served as gather.<k>:tokens (default: MIST's N/3, 2N/3, N)")
+    web = parser.add_argument_group("network and security")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    web.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    web.add_argument("--token", help=f"bearer token clients must send (default: ${TOKEN_ENV}, else generated)")
+    web.add_argument("--insecure", action="store_true",
+                     help="no token at all; only with a loopback --host, for local experiments")
+    limits = parser.add_argument_group("limits and batching")
+    limits.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default: 32)")
+    limits.add_argument("--max-batch", type=int, default=64, help="images per request (default: 64)")
+    limits.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                        help="width x height of one image (default: 4096*4096)")
+    limits.add_argument("--max-queue", type=int, default=256,
+                        help="images waiting, all requests together; beyond it 429 (default: 256)")
+    limits.add_argument("--batch-images", type=int, default=32, help="images per backbone pass (default: 32)")
+    limits.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a pass waits for more requests (default: 5)")
+    scale = parser.add_argument_group("scale-out")
+    scale.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment on a local Ray")
+    scale.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default: 1)")
+    return parser
+
+
+def add_remote_args(parser: argparse.ArgumentParser, *, codec_default: str | None) -> None:
+    """``--remote URL --token T --codec C`` for ``fit`` and ``predict``."""
+    group = parser.add_argument_group("separated tuning (a feature server computes the taps)")
+    group.add_argument("--remote", metavar="URL",
+                       help="fetch features from `frozenlens serve` at URL instead of running the backbone")
+    group.add_argument("--token", help=f"the server's bearer token (default: ${TOKEN_ENV})")
+    group.add_argument("--codec", choices=["float32", "float16", "int8"], default=codec_default,
+                       help="wire precision of the features" + (
+                           f" (default: {codec_default})" if codec_default else
+                           " (default: the one the adapter was trained with)"))
+
+
+def remote_source(args: argparse.Namespace, codec: str, expect_weights_hash: str | None = None):
+    """The :class:`~frozenlens.serve.client.RemoteTaps` named by ``--remote/--token``."""
+    from frozenlens.serve.client import RemoteTaps
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    return RemoteTaps.connect(args.remote, token, codec, expect_weights_hash=expect_weights_hash)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``frozenlens serve``: uvicorn (or Ray Serve) until Ctrl-C / SIGTERM."""
+    from frozenlens.serve.app import Limits
+
+    token = _token(args)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_batch_images=args.max_batch,
+                    max_image_pixels=args.max_image_pixels, max_queued_images=args.max_queue,
+                    batch_images=args.batch_images, batch_wait_ms=args.batch_wait_ms)
+    taps = args.taps or None
+    if args.ray:
+        return _run_ray(args, token, limits, taps)
+    return _run_uvicorn(args, token, limits, taps)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.insecure:
+        if not _is_loopback(args.host):
+            raise FrozenlensError(f"--insecure serves without a token, so only on a loopback --host "
+                                  f"(127.0.0.1, ::1, localhost), not {args.host!r}; drop --insecure and "
+                                  f"use --token or ${TOKEN_ENV}")
+        return None
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(f"no --token or ${TOKEN_ENV} given; generated token: {token}", flush=True)
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _run_uvicorn(args: argparse.Namespace, token: str | None, limits, taps) -> int:
+    import uvicorn
+
+    from frozenlens.backbones import load_backbone
+    from frozenlens.serve.app import create_app
+    from frozenlens.serve.engine import DEFAULT_TAPS
+
+    backbone = load_backbone(args.backbone, img_size=args.img_size, device=args.device)
+    app = create_app(backbone, token=token, insecure=token is None, limits=limits,
+                     taps=taps or DEFAULT_TAPS, gather_depths=args.gather_k)
+    _banner(args, app.state.server.engine.info())
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    return 0
+
+
+def _run_ray(args: argparse.Namespace, token: str | None, limits, taps) -> int:
+    import ray
+    from ray import serve
+
+    from frozenlens.serve.engine import DEFAULT_TAPS
+    from frozenlens.serve.ray_app import deployment
+
+    ray.init(include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = deployment(backbone=args.backbone, img_size=args.img_size, token=token, insecure=token is None,
+                     limits=limits, taps=taps or DEFAULT_TAPS, gather_depths=args.gather_k,
+                     replicas=args.replicas)
+    serve.run(app, name="frozenlens", route_prefix="/")
+    print(f"Ray Serve: {args.replicas} replica(s) of the feature server at http://{args.host}:{args.port} "
+          "(Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _banner(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    backbone = info["backbone"]
+    print(f"serving {backbone['name']} (weights {backbone['weights_hash'][:12]}, {info['num_tokens']} tokens "
+          f"x {backbone['dim']}) at http://{args.host}:{args.port}", flush=True)
+    print(f"features: {', '.join(info['features'])}; codecs: {', '.join(info['codecs'])}", flush=True)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, e.g. 4,8,12") from err

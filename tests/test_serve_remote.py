@@ -1,0 +1,217 @@
+"""Server and edge client over real loopback HTTP: remote fit/predict, resume after kills, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from frozenlens.backbones import Tap
+from frozenlens.cli import main
+from frozenlens.data import load_task
+from frozenlens.serve.app import Limits, create_app
+from frozenlens.serve.client import FeatureClient, RemoteError, RemoteTaps
+from frozenlens.serve.engine import FeatureEngine
+from frozenlens.store import extract
+
+TOKEN = "edge-token"
+TAPS = [Tap("final", "cls"), Tap("gather.4", "tokens")]
+
+
+class LiveServer:
+    """uvicorn serving an app on a free loopback port, in a thread."""
+
+    def __init__(self, app, port: int | None = None):
+        self.app = app
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=20))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _slow_app(backbone, seconds: float):
+    """An app whose every backbone pass takes at least ``seconds`` (to interrupt fetches mid-way)."""
+    engine = FeatureEngine(backbone, gather_depths=[4, 8])
+
+    async def slow(job):
+        await asyncio.sleep(seconds)
+        return engine.run([job])[0]
+
+    return create_app(engine, token=TOKEN, runner=slow)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_backbone):
+    with LiveServer(create_app(tiny_backbone, token=TOKEN, gather_depths=[4, 8])) as live:
+        yield live
+
+
+def _images(task: Path) -> list[str]:
+    return [str(i.path) for i in load_task(task).all_images()]
+
+
+def test_remote_fit_then_predict_matches_the_local_path(server, tiny_task, tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "edge"
+    code = main(["fit", str(tiny_task), "--remote", server.url, "--token", TOKEN, "--codec", "float32",
+                 "--store-dtype", "float32", "--method", "linear", "--epochs", "10", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["context"]["features_from"] == "remote:float32"
+    assert results["context"]["weights_hash"] == tiny_backbone.weights_hash
+    assert results["results"][0]["test_accuracy_mean"] > 0.6
+
+    remote_store = Path(results["context"]["store"])
+    local = extract(tiny_backbone, _images(tiny_task), [Tap("final", "cls")], root=tmp_path / "local",
+                    dtype="float32", progress=False)
+    assert remote_store != local.path  # remote features never mix with local ones
+    from frozenlens.store import ActivationStore
+
+    fetched = ActivationStore(remote_store)
+    assert fetched.meta["origin"] == "remote:float32" and fetched.meta["shard_size"] == 32
+    np.testing.assert_allclose(fetched.array("final:cls"), local.array("final:cls"), atol=1e-5)
+
+    images = sorted((tiny_task / "images" / "green").glob("test_*.png"))[:4]
+    capsys.readouterr()
+    assert main(["predict", str(out / "linear"), *map(str, images), "--json", "--remote", server.url,
+                 "--token", TOKEN]) == 0
+    remote = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["predict", str(out / "linear"), *map(str, images), "--json"]) == 0
+    here = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["top"][0][0] for r in remote] == [h["top"][0][0] for h in here]
+    for r, h in zip(remote, here):
+        assert dict(r["top"]) == pytest.approx(dict(h["top"]), abs=1e-4)
+
+
+def test_client_refuses_a_wrong_token_and_a_different_backbone(server, tiny_task, tmp_path, capsys):
+    with pytest.raises(RemoteError, match="401.*--token"):
+        FeatureClient(server.url, "wrong", retries=1).info()
+    with pytest.raises(RemoteError, match="not the expected"):
+        FeatureClient(server.url, TOKEN, expect_weights_hash="0" * 64).info()
+    with pytest.raises(RemoteError, match="does not serve 'block.2:tokens'.*--tap"):
+        RemoteTaps.connect(server.url, TOKEN).tap_shape(Tap("block.2"))
+    code = main(["fit", str(tiny_task), "--remote", server.url, "--token", TOKEN, "--method", "vqt",
+                 "--epochs", "1", "--out", str(tmp_path / "x")])
+    assert code == 2 and "does not serve" in capsys.readouterr().err
+
+
+_CLIENT = textwrap.dedent("""
+    import sys
+    from frozenlens.backbones import Tap
+    from frozenlens.serve.client import RemoteTaps
+    from frozenlens.store import extract
+    url, token, root, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    source = RemoteTaps.connect(url, token, "float16")
+    extract(source, images, [Tap("final", "cls"), Tap("gather.4", "tokens")], root=root,
+            batch_size=6, shard_size=6, progress=False)
+""")
+
+
+def _done_shards(root: Path) -> int:
+    return sum(1 for p in root.glob("*/shards/*") if p.name.isdigit())
+
+
+def _served_after_quiet(live: LiveServer) -> int:
+    deadline = time.monotonic() + 10
+    while live.state.admission.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return live.state.images_served
+
+
+def test_fetch_resumes_after_client_kill_and_server_stop_without_fetching_twice(tiny_backbone, tiny_task,
+                                                                                tmp_path):
+    images, root = _images(tiny_task), tmp_path / "stores"
+    per_shard, total_shards = 6, -(-len(images) // 6)
+    port = _free_port()
+
+    # 1. kill the client mid-way
+    with LiveServer(_slow_app(tiny_backbone, 0.15), port) as live:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        client = subprocess.Popen([sys.executable, "-c", _CLIENT, live.url, TOKEN, str(root), *images], env=env)
+        deadline = time.monotonic() + 60
+        while _done_shards(root) < 3:
+            assert client.poll() is None and time.monotonic() < deadline, "client ended before it was killed"
+            time.sleep(0.01)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        served_first = _served_after_quiet(live)
+    done_first = _done_shards(root)
+    assert 3 <= done_first < total_shards
+    assert served_first <= (done_first + 1) * per_shard  # at most the one shard in flight is lost
+
+    # 2. stop the server mid-way: the client gives up with a clear error, finished shards stay
+    with LiveServer(_slow_app(tiny_backbone, 0.15), port) as live:
+        source = RemoteTaps(FeatureClient(live.url, TOKEN, retries=2, backoff=0.1), "float16")
+        threading.Timer(0.5, live.stop).start()
+        with pytest.raises(RemoteError, match="run the same command again to resume"):
+            extract(source, images, TAPS, root=root, batch_size=6, shard_size=6, progress=False)
+        served_second = live.state.images_served
+    done_second = _done_shards(root)
+    assert done_first < done_second < total_shards
+    assert served_second <= (done_second - done_first + 1) * per_shard
+
+    # 3. run again: only the missing shards are fetched, and the store equals a local extraction
+    with LiveServer(create_app(tiny_backbone, token=TOKEN, gather_depths=[4, 8]), port) as live:
+        store = extract(RemoteTaps.connect(live.url, TOKEN), images, TAPS, root=root, batch_size=6,
+                        shard_size=6, progress=False)
+        missing = len(images) - done_second * per_shard
+        assert live.state.images_served == missing
+    local = extract(tiny_backbone, images, TAPS, root=tmp_path / "local", dtype="float16", progress=False)
+    for tap in TAPS:
+        np.testing.assert_allclose(store.array(tap.key).astype(np.float32),
+                                   local.array(tap.key).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_shutdown_answers_requests_in_flight(tiny_backbone, tiny_task):
+    images = _images(tiny_task)[:4]
+    with LiveServer(_slow_app(tiny_backbone, 0.4)) as live:
+        client = FeatureClient(live.url, TOKEN, retries=1)
+        client.info()
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(client.features, images, ["final:cls"]) for _ in range(3)]
+            while live.state.admission.pending < 12:
+                time.sleep(0.01)
+            live.stop()
+            payloads = [f.result() for f in futures]
+        assert [p.features["final:cls"].shape for p in payloads] == [(4, 192)] * 3
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{live.url}/v1/health", timeout=2)
