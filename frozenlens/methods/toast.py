@@ -1,0 +1,447 @@
+"""TOAST, Top-Down Attention Steering (Shi et al., 2023), on a frozen timm ViT.
+
+Inference has four steps (paper, Section 3.1):
+
+1. **Pass 1**: the frozen backbone runs as usual; ``z`` are its final normed tokens.
+2. **Feature selection**: ``z~_i = sim(z_i, xi) * z_i P`` with ``sim`` the cosine
+   similarity clamped to ``[0, 1]``, a task embedding ``xi`` (token selection) and a
+   channel transform ``P`` initialised to the identity (channel selection).
+3. **Feedback path**: one :class:`FeedbackLayer` per block, run from the top block
+   down. Each holds two bias-free ``d x d`` maps: ``h_l = feed_down(h_{l+1})`` feeds
+   the next lower layer (``h`` of the top layer is ``z~``) and
+   ``td_l = top_down(h_l)`` is block ``l``'s top-down signal.
+4. **Pass 2**: the backbone runs again with every attention taking the top-down
+   signal into its values only, ``V = W_v (X + X_td)``, ``Q, K`` from ``X`` alone
+   (:func:`attention_with_value_input`). A linear head reads the CLS token of pass 2.
+
+The backbone stays frozen; TOAST trains the feedback path, ``xi`` and the head
+(``P`` stays frozen, as in the reference code). TOAST-Lite freezes the feedback
+weights and trains rank-4 LoRA factors on them, plus ``xi``, ``P`` and the head.
+Early feedback feeds back from a middle block (pass 1 stops there); late feedback
+sends top-down signals to the upper half only and reuses pass 1's lower half.
+Pre-tuning (:func:`pretune`) trains the modules on a general image collection with
+task loss + 0.03 x the variational loss (each feedback layer reconstructs its
+block's input from the block's output). ``docs/methods/toast.md`` has the defaults,
+the measured FLOPs and the deviations from the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from frozenlens.methods.base import Method, register
+from frozenlens.train.trainer import TrainConfig
+
+FEEDBACK_MODES = ("full", "early", "late")
+
+
+# -- attention with a value-only input ------------------------------------------------
+def attention_with_value_input(attn: nn.Module, x: torch.Tensor, value_input: torch.Tensor | None,
+                               *, keep_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """timm ``Attention`` on ``x`` with an extra input added to the values only.
+
+    ``Q, K, V = W_q X, W_k X, W_v (X + value_input)`` (biases as timm adds them), then
+    timm's attention, output norm, gate and projection unchanged. With
+    ``value_input`` None or zero the result equals ``attn(x)`` bit for bit (the
+    value projection of the extra input is *added* to timm's own ``V``).
+
+    ``keep_weights``: when given, the attention probabilities ``(B, heads, N, N)``
+    are appended to it (computed explicitly instead of by the fused kernel).
+    """
+    batch, tokens, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if value_input is not None:
+        value_weight = attn.qkv.weight[2 * attn.attn_dim:]
+        extra = F.linear(value_input, value_weight)
+        v = v + extra.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+    if keep_weights is None and attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if keep_weights is not None:
+            keep_weights.append(weights.detach())
+        out = attn.attn_drop(weights) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+class _ValueInputAttention(nn.Module):
+    """Stand-in for ``block.attn`` during one forward (interim; moves to backbones/hooks)."""
+
+    def __init__(self, attn: nn.Module, value_input: torch.Tensor | None, keep: list | None):
+        super().__init__()
+        self.attn, self.value_input, self.keep = attn, value_input, keep
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        return attention_with_value_input(self.attn, x, self.value_input, keep_weights=self.keep)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, value_input: torch.Tensor | None,
+              keep_weights: list | None = None) -> torch.Tensor:
+    """``block(x)`` with ``value_input`` added to its attention's values (None: plain block)."""
+    if value_input is None and keep_weights is None:
+        return block(x)
+    original = block.attn
+    block.attn = _ValueInputAttention(original, value_input, keep_weights)
+    try:
+        return block(x)
+    finally:
+        block.attn = original
+
+
+# -- trainable modules ----------------------------------------------------------------
+class FeatureSelection(nn.Module):
+    """Token and channel selection: ``z~ = clamp(cos(z, xi), 0, 1) * z P``.
+
+    Attributes:
+        task_embedding: ``xi`` (D,), initialised from a standard normal (reference code).
+        channel_transform: ``P`` (D, D), initialised to the identity; it multiplies the
+            token row vectors from the right, as in the reference code.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.task_embedding = nn.Parameter(torch.empty(dim))
+        self.channel_transform = nn.Parameter(torch.empty(dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``xi ~ N(0, I)``, ``P = I``."""
+        nn.init.normal_(self.task_embedding)
+        with torch.no_grad():
+            self.channel_transform.copy_(torch.eye(self.channel_transform.shape[0]))
+
+    def token_weights(self, z: torch.Tensor) -> torch.Tensor:
+        """Relevance of each token to the task, ``clamp(cos(z_i, xi), 0, 1)``: ``(B, T)``."""
+        return (F.normalize(z, dim=-1) @ F.normalize(self.task_embedding, dim=0)).clamp(0, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z * self.token_weights(z).unsqueeze(-1)) @ self.channel_transform
+
+
+class LoRALinear(nn.Linear):
+    """A linear map whose ``weight`` is frozen and adapted by a low-rank product.
+
+    ``y = x W^T + scaling * x A^T B^T`` with ``A`` (r, in), ``B`` (out, r) and
+    ``scaling = alpha / r``; ``B`` starts at zero, so the start equals ``W``.
+    ``A`` gets Kaiming-uniform(a=sqrt(5)) as in loralib. ``weight`` keeps its name,
+    so plain :class:`nn.Linear` state dicts (e.g. pre-tuned ones) load into it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0,
+                 bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        if rank < 1:
+            raise ValueError(f"LoRA rank {rank}: must be at least 1")
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.reset_lora()
+
+    def reset_lora(self) -> None:
+        """``A`` Kaiming-uniform, ``B = 0``."""
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+
+
+class FeedbackLayer(nn.Module):
+    """One layer of the feedback path: two bias-free ``D x D`` maps.
+
+    ``h = feed_down(x)`` goes to the next lower layer; ``top_down(h)`` is this
+    block's top-down signal (the reference code's ``linear`` and ``linear2``).
+    ``feed_down`` alone is also the variational decoder: it maps the block's
+    output back to the block's input.
+    """
+
+    def __init__(self, dim: int, lora_rank: int = 0, lora_alpha: float = 1.0):
+        super().__init__()
+        if lora_rank:
+            self.feed_down: nn.Linear = LoRALinear(dim, dim, lora_rank, lora_alpha)
+            self.top_down: nn.Linear = LoRALinear(dim, dim, lora_rank, lora_alpha)
+        else:
+            self.feed_down = nn.Linear(dim, dim, bias=False)
+            self.top_down = nn.Linear(dim, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated normal (std 0.02) weights, as timm/the reference initialise linears;
+        LoRA factors as :meth:`LoRALinear.reset_lora`."""
+        for linear in (self.feed_down, self.top_down):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            if isinstance(linear, LoRALinear):
+                linear.reset_lora()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input of the next lower layer, this block's top-down signal)``."""
+        hidden = self.feed_down(x)
+        return hidden, self.top_down(hidden)
+
+
+@dataclass(frozen=True)
+class FeedbackPlan:
+    """Which blocks pass 1 runs, which get top-down signals, where pass 2 starts.
+
+    Attributes:
+        source: block whose output (through the final norm) is fed back.
+        layers: blocks with a feedback layer / top-down signal, ascending.
+        pass2_start: first block pass 2 runs; below it, pass 1's outputs are reused.
+    """
+
+    source: int
+    layers: tuple[int, ...]
+    pass2_start: int
+
+    @classmethod
+    def make(cls, mode: str, depth: int, middle: int = 0) -> "FeedbackPlan":
+        """Plan for ``mode`` (``full``, ``early``, ``late``) on ``depth`` blocks.
+
+        ``middle`` is the number of blocks in the lower half (0: ``depth // 2``).
+        """
+        if mode not in FEEDBACK_MODES:
+            raise ValueError(f"feedback={mode!r}: use one of {', '.join(FEEDBACK_MODES)}")
+        middle = middle or depth // 2
+        if mode != "full" and not 0 < middle < depth:
+            raise ValueError(f"middle={middle}: must be in 1..{depth - 1} for {mode} feedback")
+        if mode == "early":
+            return cls(middle - 1, tuple(range(middle)), 0)
+        if mode == "late":
+            return cls(depth - 1, tuple(range(middle, depth)), middle)
+        return cls(depth - 1, tuple(range(depth)), 0)
+
+
+def run_feedback(layers: nn.ModuleDict, plan: FeedbackPlan, selected: torch.Tensor,
+                     ) -> dict[int, torch.Tensor]:
+    """Run the feedback path top-down from ``selected`` tokens: block index -> top-down signal."""
+    signals, hidden = {}, selected
+    for index in reversed(plan.layers):
+        hidden, signals[index] = layers[str(index)](hidden)
+    return signals
+
+
+def variational_loss(layers: nn.ModuleDict, inputs: dict[int, torch.Tensor],
+                     outputs: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Sum over feedback layers of ``MSE(feed_down(output of block l), input of block l)``.
+
+    Both sides are detached: the loss trains only the feedback maps to invert their
+    block (the variational loss of Shi et al., 2023, as in the reference code).
+    """
+    terms = [F.mse_loss(layers[str(i)].feed_down(outputs[i].detach()), inputs[i].detach())
+             for i in inputs]
+    return torch.stack(terms).sum()
+
+
+# -- the method -----------------------------------------------------------------------
+@dataclass
+class TOASTConfig:
+    """TOAST settings.
+
+    Attributes:
+        feedback: ``"full"`` (from the last block into every block, 2x the backbone's
+            FLOPs), ``"early"`` (feed back the output of block ``middle - 1``; pass 1
+            stops there) or ``"late"`` (top-down signals into blocks ``middle..N-1``
+            only; pass 2 reuses pass 1's lower half). Early and late cost ~1.5x.
+        middle: blocks in the lower half for early/late feedback (0: ``depth // 2``).
+        pretuned: folder written by ``frozenlens pretune toast``: fitting starts from
+            its feature selection and feedback path (the head is always new).
+    """
+
+    feedback: str = "full"
+    middle: int = 0
+    pretuned: str = ""
+
+
+@dataclass
+class TOASTLiteConfig(TOASTConfig):
+    """TOAST-Lite settings: TOAST's, plus the LoRA on the feedback maps.
+
+    Attributes:
+        lora_rank: rank r of the LoRA factors on every feedback map (paper: 4).
+        lora_alpha: LoRA scaling numerator; the update is ``alpha / r * B A``
+            (loralib's default alpha 1, as the reference code uses).
+    """
+
+    lora_rank: int = 4
+    lora_alpha: float = 1.0
+
+
+@dataclass
+class TOASTPasses:
+    """Everything one TOAST forward computed.
+
+    Attributes:
+        logits: ``(B, classes)`` from pass 2.
+        tokens: ``(B, T, D)`` pass 2's final normed tokens (what the head reads).
+        token_weights: ``(B, T)`` feature selection's token relevance (the similarity map).
+        block_inputs, block_outputs: pass 2's input and output of every block with a
+            feedback layer (only when asked: the variational loss reads them).
+        attention: ``{"pass1": ..., "pass2": ...}`` attention probabilities
+            ``(B, heads, T, T)`` of the last block each pass ran (only when asked).
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    token_weights: torch.Tensor
+    block_inputs: dict[int, torch.Tensor]
+    block_outputs: dict[int, torch.Tensor]
+    attention: dict[str, torch.Tensor]
+
+
+@register
+class TOAST(Method):
+    """Top-down attention steering: select output features, feed them back, run again."""
+
+    name = "toast"
+    in_loop = True
+    config_class = TOASTConfig
+    summary = ("top-down attention steering: pass 1, feature selection, feedback into every "
+               "attention's values, pass 2 (backbone in the loop, 2x FLOPs; feedback=early|late ~1.5x)")
+    train_defaults = TrainConfig(optimizer="sgd", lr=0.01, weight_decay=1e-4, momentum=0.9,
+                                 epochs=100, warmup_epochs=10, batch_size=32)
+    grid = {"lr": [lr / 256 * 32 for lr in (1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01)],
+            "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
+    train_channel_transform: ClassVar[bool] = False
+    """Whether ``P`` trains (TOAST: frozen, as in the reference code)."""
+
+    def __init__(self, config: TOASTConfig, backbone: dict[str, Any], num_classes: int):
+        super().__init__(config, backbone, num_classes)
+        dim = backbone["dim"]
+        self.plan = FeedbackPlan.make(config.feedback, backbone["depth"], config.middle)
+        rank, alpha = getattr(config, "lora_rank", 0), getattr(config, "lora_alpha", 1.0)
+        self.selection = FeatureSelection(dim)
+        self.feedback = nn.ModuleDict({str(i): FeedbackLayer(dim, rank, alpha) for i in self.plan.layers})
+        self.head = nn.Linear(dim, num_classes)
+        self.selection.channel_transform.requires_grad_(self.train_channel_transform)
+        _init_head(self.head)
+
+    @classmethod
+    def taps(cls, config: TOASTConfig, backbone: dict[str, Any]) -> list:
+        """None: TOAST runs the backbone itself (in the loop)."""
+        return []
+
+    # -- initialisation ---------------------------------------------------------------
+    def reset_trainable(self, seed: int) -> None:
+        """Fresh modules from ``seed`` (xi normal, P identity, feedback truncated normal,
+        head as the reference), then the pre-tuned modules when ``config.pretuned`` is set."""
+        torch.manual_seed(seed)
+        self.selection.reset_parameters()
+        for layer in self.feedback.values():
+            layer.reset_parameters()
+        _init_head(self.head)
+        if self.config.pretuned:
+            self.load_pretuned(self.config.pretuned)
+
+    def load_pretuned(self, folder: str) -> None:
+        """Copy the feature selection and feedback maps of a pre-tuned TOAST adapter folder.
+
+        LoRA factors and the head are not taken (they are new for every task).
+        """
+        from safetensors.torch import load_file
+
+        from frozenlens.adapter import WEIGHTS_FILE, read_adapter_meta
+        from frozenlens.errors import AdapterError
+
+        meta = read_adapter_meta(folder)
+        if meta["method"] not in ("toast", "toast-lite"):
+            raise AdapterError(f"pretuned={folder}: holds a {meta['method']!r} adapter; pass the --out "
+                               "folder of `frozenlens pretune toast`")
+        if meta["backbone"]["weights_hash"] != self.backbone_info["weights_hash"]:
+            raise AdapterError(f"pretuned={folder} was pre-tuned on backbone {meta['backbone']['name']!r}, "
+                               f"not on {self.backbone_info['name']!r}: pre-tune on this backbone")
+        stored = load_file(str(Path(folder) / WEIGHTS_FILE))
+        wanted = [k for k in self.state_dict() if k.startswith(("selection.", "feedback."))
+                  and ".lora_" not in k]
+        missing = [k for k in wanted if k not in stored]
+        if missing:
+            raise AdapterError(f"pretuned={folder} lacks {', '.join(missing[:4])}: it was pre-tuned with "
+                               "other feedback layers; pre-tune with feedback=full, which covers every block")
+        with torch.no_grad():
+            own = self.state_dict()
+            for key in wanted:
+                own[key].copy_(stored[key])
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of pass 2 for ``batch["images"]`` (preprocessed, ``(B, 3, H, W)``)."""
+        return self.passes(batch["images"]).logits
+
+    def passes(self, images: torch.Tensor, *, record_blocks: bool = False,
+               keep_attention: bool = False) -> TOASTPasses:
+        """Pass 1, feature selection, feedback and pass 2 for a batch of images."""
+        net, plan = self.frozen_backbone, self.plan
+        blocks = net.model.blocks
+        attention: dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # nothing trainable before the feature selection
+            x = embedded = net.embed(images)
+            lower = embedded
+            for index in range(plan.source + 1):
+                keep = [] if keep_attention and index == plan.source else None
+                x = run_block(blocks[index], x, None, keep)
+                if keep:
+                    attention["pass1"] = keep[0]
+                if index == plan.pass2_start - 1:
+                    lower = x
+            z = net.model.norm(x)
+        token_weights = self.selection.token_weights(z)
+        signals = self.feedback_signals(self.selection(z))
+        x, inputs, outputs = lower, {}, {}
+        for index in range(plan.pass2_start, net.depth):
+            keep = [] if keep_attention and index == net.depth - 1 else None
+            if record_blocks and index in signals:
+                inputs[index] = x
+            x = run_block(blocks[index], x, signals.get(index), keep)
+            if record_blocks and index in signals:
+                outputs[index] = x
+            if keep:
+                attention["pass2"] = keep[0]
+        tokens = net.model.norm(x)
+        logits = self.head(_pooled(tokens, net.num_prefix_tokens))
+        return TOASTPasses(logits, tokens, token_weights, inputs, outputs, attention)
+
+    def feedback_signals(self, selected: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Top-down signal of every block with a feedback layer, from the selected tokens."""
+        return run_feedback(self.feedback, self.plan, selected)
+
+    def variational_loss(self, passes: TOASTPasses) -> torch.Tensor:
+        """The variational loss of ``passes`` (made with ``record_blocks=True``)."""
+        return variational_loss(self.feedback, passes.block_inputs, passes.block_outputs)
+
+
+@register
+class TOASTLite(TOAST):
+    """TOAST-Lite: TOAST with frozen feedback maps adapted by rank-4 LoRA; P trains."""
+
+    name = "toast-lite"
+    config_class = TOASTLiteConfig
+    summary = ("TOAST with LoRA (r=4) on the feedback maps: xi, P, LoRA factors and head train "
+               "(<1% of TOAST's parameters)")
+    train_channel_transform = True
+
+
+def _init_head(linear: nn.Linear) -> None:
+    """Kaiming-normal (fan out) weights; bias ``-log(99)`` (prior probability 0.01), as the
+    reference code's head."""
+    nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
+    nn.init.constant_(linear.bias, -math.log((1 - 0.01) / 0.01))
+
+
+def _pooled(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The class token, or the mean patch token for backbones without one."""
+    return tokens[:, 0] if num_prefix_tokens else tokens.mean(dim=1)
