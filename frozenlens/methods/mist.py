@@ -1,0 +1,308 @@
+"""MIST (Minimal Interaction Separated Tuning) and its baseline LAST, trained from stored taps.
+
+MIST reads one token map per image, the gather
+
+    g_k = embed + block_1 + ... + block_k        (paper's numbering; ours is block.0 .. block.{k-1})
+
+summed in float32 from the stored outputs of every block, and trains a
+low-rank attention edge network (LAE) on it: ``lae_blocks`` blocks of
+``x + W_o Attn(W_q LN(x), W_k LN(x), W_v LN(x))`` whose query/key/value width is
+``qkv_dim`` (16), then a final LayerNorm and a linear head on the class token.
+The depth ``k`` is chosen on validation data among ``{N/3, 2N/3, N}``
+(:func:`gather_candidates`) when ``gather_depth`` is 0 (the default): the store
+holds every block once, so every candidate reads the same stored pass. g_k does
+not depend on anything learned, so a fit computes it once and trains on it.
+
+LAST (low-rank attention side-tuning) is the side network MIST is measured
+against: one such block per backbone block, side block ``i`` taking the previous
+side output plus block ``i``'s output tokens (MIST's Eq. 2), starting from the
+embedding output; the same head reads the last side output.
+
+``docs/methods/mist.md`` gives the defaults, the parameter counts next to the
+paper's, the measured costs, and where this differs from the papers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from frozenlens.backbones.taps import Tap, block_tap
+from frozenlens.errors import FrozenlensError
+from frozenlens.methods.base import Method, register
+from frozenlens.methods.selection import fit_selecting
+from frozenlens.train.data import TapData
+from frozenlens.train.trainer import TrainConfig, count_trainable, train
+
+EMBED_KEY = "embed:tokens"
+POOLS = ("cls", "mean")
+SIDE_TRAIN_DEFAULTS = TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4, epochs=100,
+                                  warmup_epochs=10, batch_size=32)
+"""The paper's recipe: Adam, batch 32, cosine schedule (epochs and warm-up: the usual VTAB 100/10)."""
+SIDE_GRID = {"lr": [3e-3, 1e-3, 3e-4], "weight_decay": [1e-4, 0.0]}
+"""VTAB search space: the paper selects the learning rate on val; we add weight decay on/off."""
+VIT_B16 = {"name": "vit-b/16 (description only)", "weights_hash": "-", "dim": 768, "depth": 12,
+           "num_heads": 12, "num_prefix_tokens": 1, "grid_size": [14, 14]}
+"""ViT-B/16 at 224 px (197 tokens), the paper's backbone: for parameter counts without weights."""
+
+
+# -- the gather ---------------------------------------------------------------------------
+
+
+def gather_candidates(depth: int) -> list[int]:
+    """The paper's candidate gather depths ``{N/3, 2N/3, N}``, rounded (12 -> [4, 8, 12])."""
+    if depth < 1:
+        raise FrozenlensError(f"depth={depth}: a backbone has at least one block")
+    return sorted({max(1, round(depth / 3)), max(1, round(2 * depth / 3)), depth})
+
+
+def gather_taps(depth: int, k: int) -> list[Tap]:
+    """Stored taps that g_k sums: ``embed:tokens`` and ``block.{i}:tokens`` for i in 0..k-1."""
+    if not 1 <= k <= depth:
+        raise FrozenlensError(f"gather depth k={k}: this backbone has {depth} blocks, so k must be "
+                              f"in 1..{depth} (or 0 to choose among {gather_candidates(depth)})")
+    return [Tap("embed", "tokens")] + [block_tap(i, "tokens") for i in range(k)]
+
+
+def gather_key(k: int) -> str:
+    """Key of a precomputed g_k (the feature server's ``gather.<k>`` tap)."""
+    return f"gather.{k}:tokens"
+
+
+def gather(features: Mapping[str, torch.Tensor], k: int) -> torch.Tensor:
+    """g_k = embedding output + outputs of blocks 0..k-1, ``(B, T, D)`` float32.
+
+    Summed in float32 in block order (the order :meth:`FrozenBackbone.forward_taps`
+    uses for its ``gather.<k>`` tap), whatever dtype the taps are stored in. A
+    precomputed ``gather.<k>:tokens`` entry is used as it is.
+    """
+    if gather_key(k) in features:
+        return features[gather_key(k)].float()
+    keys = [EMBED_KEY] + [block_tap(i).key for i in range(k)]
+    missing = [key for key in keys if key not in features]
+    if missing:
+        raise FrozenlensError(f"gather g_{k} needs taps {', '.join(missing)}: extract them with "
+                              f"gather_taps(depth, {k}) or pass {gather_key(k)}")
+    total = features[keys[0]].float()
+    for key in keys[1:]:
+        total = total + features[key].float()
+    return total
+
+
+def gathered_data(data: TapData, k: int, chunk: int = 128) -> TapData:
+    """``data`` with g_k computed once (key ``gather.<k>:tokens``, float32) instead of its block taps."""
+    first = gather({key: value[:1] for key, value in data.features.items()}, k)
+    out = torch.empty((len(data), *first.shape[1:]), dtype=torch.float32)
+    for start in range(0, len(data), chunk):
+        part = {key: value[start:start + chunk] for key, value in data.features.items()}
+        out[start:start + chunk] = gather(part, k)
+    return TapData({gather_key(k): out}, data.labels, data.num_classes)
+
+
+# -- the edge network -----------------------------------------------------------------------
+
+
+class LowRankAttentionBlock(nn.Module):
+    """``x + W_o MHA(W_q LN(x), W_k LN(x), W_v LN(x))`` with query/key/value width ``qkv_dim``.
+
+    The low-rank attention block of LAST and of MIST's LAE: D -> ``qkv_dim`` for
+    queries, keys and values, scaled dot-product attention over all tokens in
+    ``num_heads`` heads of ``qkv_dim / num_heads``, ``qkv_dim`` -> D, residual.
+    """
+
+    def __init__(self, dim: int, qkv_dim: int = 16, num_heads: int = 1, eps: float = 1e-6):
+        super().__init__()
+        if qkv_dim < 1 or num_heads < 1 or qkv_dim % num_heads:
+            raise FrozenlensError(f"qkv_dim={qkv_dim}, heads={num_heads}: the heads must divide "
+                                  "the query/key/value width")
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.qkv = nn.Linear(dim, 3 * qkv_dim)
+        self.proj = nn.Linear(qkv_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class TokenHead(nn.Module):
+    """Final LayerNorm, then a linear classifier on the class token (or the mean token)."""
+
+    def __init__(self, dim: int, num_classes: int, pool: str, eps: float = 1e-6):
+        super().__init__()
+        self.pool = pool
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(tokens)
+        return self.fc(normed[:, 0] if self.pool == "cls" else normed.mean(1))
+
+
+def init_side_network(module: nn.Module) -> None:
+    """timm ViT initialisation: linear weights truncated normal (std 0.02), biases 0, LayerNorms identity."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.trunc_normal_(sub.weight, std=0.02)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+# -- the methods ----------------------------------------------------------------------------
+
+
+@dataclass
+class SideConfig:
+    """Settings of the low-rank attention blocks and the head (shared by MIST and LAST).
+
+    Attributes:
+        qkv_dim: query/key/value width of every attention block (paper: 16 for D=768).
+        heads: attention heads sharing that width.
+        pool: what the head reads after the final LayerNorm: ``"cls"`` (class token)
+            or ``"mean"`` (mean of all tokens, for backbones without a class token).
+    """
+
+    qkv_dim: int = 16
+    heads: int = 1
+    pool: str = "cls"
+
+
+@dataclass
+class MISTConfig(SideConfig):
+    """MIST settings (see :class:`SideConfig` for the block and head ones).
+
+    Attributes:
+        gather_depth: k, the number of blocks summed into g_k; 0 chooses it on
+            validation data among :func:`gather_candidates` (after fitting it holds
+            the chosen k).
+        lae_blocks: low-rank attention blocks of the edge network (paper: 4).
+        holdout_fraction: share of the training data held out to choose k when
+            ``fit`` gets no validation data (the protocol's final runs).
+        refit: after choosing k on a holdout, retrain on all the data.
+    """
+
+    gather_depth: int = 0
+    lae_blocks: int = 4
+    holdout_fraction: float = 0.2
+    refit: bool = True
+
+
+class SideNetwork(Method):
+    """Low-rank attention blocks on stored token maps, then :class:`TokenHead` (MIST, LAST)."""
+
+    config_class = SideConfig
+    train_defaults = SIDE_TRAIN_DEFAULTS
+    grid = SIDE_GRID
+
+    def __init__(self, config: SideConfig, backbone: dict[str, Any], num_classes: int, blocks: int):
+        super().__init__(config, backbone, num_classes)
+        if config.pool not in POOLS:
+            raise FrozenlensError(f"pool={config.pool!r}: use one of {', '.join(POOLS)}")
+        if config.pool == "cls" and backbone.get("num_prefix_tokens", 1) < 1:
+            raise FrozenlensError("pool='cls': this backbone has no class token; use pool=mean")
+        dim = int(backbone["dim"])
+        self.blocks = nn.ModuleList(LowRankAttentionBlock(dim, config.qkv_dim, config.heads)
+                                    for _ in range(blocks))
+        self.head = TokenHead(dim, num_classes, config.pool)
+        init_side_network(self)
+
+    def reset_trainable(self, seed: int) -> None:
+        """Re-initialise every block and the head from ``seed`` (see :func:`init_side_network`)."""
+        torch.manual_seed(seed)
+        init_side_network(self)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters of the attention blocks, of the head (LayerNorm + linear), and in all."""
+        side, head = count_trainable(self.blocks), count_trainable(self.head)
+        return {"blocks": side, "head": head, "total": side + head}
+
+
+@register
+class MIST(SideNetwork):
+    """MIST: a 4-block low-rank attention edge network on g_k, k chosen on validation."""
+
+    name = "mist"
+    config_class = MISTConfig
+    summary = ("low-rank attention edge network (LAE) on g_k = embed + sum of the first k block "
+               "outputs; k chosen on validation among N/3, 2N/3, N")
+
+    def __init__(self, config: MISTConfig, backbone: dict[str, Any], num_classes: int):
+        if config.lae_blocks < 1:
+            raise FrozenlensError(f"lae_blocks={config.lae_blocks}: must be at least 1")
+        if config.gather_depth:
+            gather_taps(backbone["depth"], config.gather_depth)  # validates k
+        super().__init__(config, backbone, num_classes, config.lae_blocks)
+        self.register_buffer("gather_accuracy", torch.full((backbone["depth"],), float("nan")))
+
+    @classmethod
+    def taps(cls, config: MISTConfig, backbone: dict[str, Any]) -> list[Tap]:
+        """What g_k sums; every candidate's blocks while k is still to be chosen."""
+        depth = backbone["depth"]
+        return gather_taps(depth, config.gather_depth or max(gather_candidates(depth)))
+
+    @property
+    def gather_accuracies(self) -> dict[int, float]:
+        """Held-out accuracy of each candidate k from the last selection (k -> accuracy)."""
+        return {k + 1: float(v) for k, v in enumerate(self.gather_accuracy.tolist()) if not math.isnan(v)}
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.config.gather_depth:
+            raise FrozenlensError("mist: gather_depth is still 0 (to be chosen): fit the model first, "
+                                  "or build it with gather_depth=k")
+        x = gather(features, self.config.gather_depth)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
+            progress: bool = False) -> list[float]:
+        """Train the LAE on g_k, computed once; with ``gather_depth=0`` choose k first.
+
+        k is chosen by :func:`~frozenlens.methods.selection.fit_selecting`: one fit per
+        candidate, ranked on ``val`` (else on a seeded holdout, then refitted on all of
+        ``data``). The candidates' accuracies are kept in ``gather_accuracy``.
+        """
+        k = self.config.gather_depth
+        if k:
+            self.reset_trainable(cfg.seed)
+            return train(self, gathered_data(data, k), cfg, progress=progress, desc=f"{self.name} k={k}")
+        depth = self.backbone_info["depth"]
+        chosen = fit_selecting(self, "gather_depth", gather_candidates(depth), data, cfg, val=val,
+                               holdout_fraction=self.config.holdout_fraction,
+                               refit=self.config.refit, progress=progress)
+        for candidate, accuracy in chosen.accuracy.items():
+            self.gather_accuracy[candidate - 1] = accuracy
+        return chosen.losses
+
+
+@register
+class LAST(SideNetwork):
+    """LAST: one low-rank attention side block per backbone block, fed with that block's output."""
+
+    name = "last"
+    config_class = SideConfig
+    summary = ("low-rank attention side network, one block per backbone block: "
+               "y_i = S_i(y_{i-1} + block_i output), y_0 = embedding; head on y_N")
+
+    def __init__(self, config: SideConfig, backbone: dict[str, Any], num_classes: int):
+        super().__init__(config, backbone, num_classes, backbone["depth"])
+
+    @classmethod
+    def taps(cls, config: SideConfig, backbone: dict[str, Any]) -> list[Tap]:
+        """The embedding output and every block's output tokens."""
+        return gather_taps(backbone["depth"], backbone["depth"])
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = features[EMBED_KEY].float()
+        for index, block in enumerate(self.blocks):
+            y = block(y + features[block_tap(index).key].float())
+        return self.head(y)
