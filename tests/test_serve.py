@@ -227,3 +227,13 @@ def test_batcher_merges_concurrent_jobs_and_drains_on_stop():
     results, late = asyncio.run(scenario())
     assert results == [0, 3, 4, 12] and late == 1
     assert calls[0] == [3, 3, 2] and calls[1] == [4]  # merged up to 8 images, never split
+
+
+def test_each_codec_on_the_wire_is_the_codec_applied_to_the_float32_answer(client):
+    """What the benchmark relies on to score codecs from one float32 fetch."""
+    body = {"images": [_b64(_png(seed=i)) for i in range(3)], "features": ["gather.12:tokens", "final:cls"]}
+    exact = decode_payload(client.post("/v1/features", headers=AUTH, json={**body, "codec": "float32"}).content)
+    for name in ("float16", "int8"):
+        sent = decode_payload(client.post("/v1/features", headers=AUTH, json={**body, "codec": name}).content)
+        for key, values in exact.features.items():
+            assert np.array_equal(sent.features[key], CODECS[name].decode(CODECS[name].encode(values)))
