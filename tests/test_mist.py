@@ -232,3 +232,16 @@ def test_cli_fits_mist_and_last_then_predicts(tiny_task, tmp_path, capsys):
     image = next((tiny_task / "images" / "green").glob("test_*.png"))
     assert main(["predict", str(out / "mist"), str(out / "last-qkv_dim=8"), str(image), "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_precomputed_gather_trains_the_same_model_as_the_stored_blocks():
+    """``gathered=True`` reads ``gather.<k>:tokens`` (the feature server's tap) instead of the blocks."""
+    data, batch = _depth_task(), _depth_task(n=6, seed=3).features
+    from_blocks = build_method("mist", {"gather_depth": 4}, BACKBONE, 3)
+    served = build_method("mist", {"gather_depth": 4, "gathered": True}, BACKBONE, 3)
+    assert served.tap_keys() == [gather_key(4)]
+    assert build_method("mist", {"gathered": True}, BACKBONE, 3).tap_keys() == [gather_key(k) for k in (2, 4, 6)]
+    cfg = FAST.updated(epochs=3)
+    from_blocks.fit(data, cfg)
+    served.fit(gathered_data(data, 4), cfg)
+    assert torch.equal(served({gather_key(4): gather(batch, 4)}), from_blocks(batch))

@@ -188,12 +188,15 @@ class MISTConfig(SideConfig):
         holdout_fraction: share of the training data held out to choose k when
             ``fit`` gets no validation data (the protocol's final runs).
         refit: after choosing k on a holdout, retrain on all the data.
+        gathered: read g_k as one precomputed tap, ``gather.<k>:tokens`` (what the
+            feature server sends), instead of summing the stored block taps.
     """
 
     gather_depth: int = 0
     lae_blocks: int = 4
     holdout_fraction: float = 0.2
     refit: bool = True
+    gathered: bool = False
 
 
 class SideNetwork(Method):
@@ -245,8 +248,11 @@ class MIST(SideNetwork):
 
     @classmethod
     def taps(cls, config: MISTConfig, backbone: dict[str, Any]) -> list[Tap]:
-        """What g_k sums; every candidate's blocks while k is still to be chosen."""
+        """What g_k sums (or g_k itself when ``gathered``); every candidate's while k is to be chosen."""
         depth = backbone["depth"]
+        if config.gathered:
+            return [Tap(f"gather.{k}") for k in ([config.gather_depth] if config.gather_depth
+                                                 else gather_candidates(depth))]
         return gather_taps(depth, config.gather_depth or max(gather_candidates(depth)))
 
     @property
@@ -265,7 +271,7 @@ class MIST(SideNetwork):
 
     def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
             progress: bool = False) -> list[float]:
-        """Train the LAE on g_k, computed once; with ``gather_depth=0`` choose k first.
+        """Train the LAE on g_k, computed once (or read as it is); with ``gather_depth=0`` choose k first.
 
         k is chosen by :func:`~frozenlens.methods.selection.fit_selecting`: one fit per
         candidate, ranked on ``val`` (else on a seeded holdout, then refitted on all of
@@ -274,7 +280,8 @@ class MIST(SideNetwork):
         k = self.config.gather_depth
         if k:
             self.reset_trainable(cfg.seed)
-            return train(self, gathered_data(data, k), cfg, progress=progress, desc=f"{self.name} k={k}")
+            ready = data.subset([gather_key(k)]) if gather_key(k) in data.features else gathered_data(data, k)
+            return train(self, ready, cfg, progress=progress, desc=f"{self.name} k={k}")
         depth = self.backbone_info["depth"]
         chosen = fit_selecting(self, "gather_depth", gather_candidates(depth), data, cfg, val=val,
                                holdout_fraction=self.config.holdout_fraction,
