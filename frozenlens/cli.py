@@ -168,7 +168,8 @@ def _print_report(report) -> None:
     print()
     print(markdown_table(report.records))
     print(f"\nadapters and results.json / results.md in {report.out_dir}/")
-    print(f"activation store: {report.store.path}")
+    if report.store is not None:
+        print(f"activation store: {report.store.path}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

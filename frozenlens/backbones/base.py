@@ -117,11 +117,7 @@ class FrozenBackbone(nn.Module):
     # -- forward --------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens entering block 0: patch embedding, prefix tokens, position embedding."""
-        model = self.model
-        x = model.patch_embed(images)
-        x = model._pos_embed(x)
-        x = model.patch_drop(x)
-        return model.norm_pre(x)
+        return embed_tokens(self.model, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Final normed tokens ``(B, T, D)``."""
@@ -154,6 +150,14 @@ class FrozenBackbone(nn.Module):
     def _record(self, out: dict[str, torch.Tensor], taps: Sequence[Tap], x: torch.Tensor) -> None:
         for tap in taps:
             out[tap.key] = reduce_tokens(x, tap.reduce, self.num_prefix_tokens, self.grid_size)
+
+
+def embed_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Tokens entering block 0 of a timm ViT (or an edited view of one, see ``hooks``)."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
 
 
 def _sites_by_position(taps: Sequence[Tap], depth: int) -> dict[int, list[Tap]]:

@@ -35,6 +35,15 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     train_defaults: ClassVar[TrainConfig] = TrainConfig()
     grid: ClassVar[dict[str, list[Any]]] = {}
+    in_loop: ClassVar[bool] = False
+    """True for methods that run the frozen backbone in the training loop (PETL, TOAST).
+
+    They read no stored taps (:meth:`taps` is empty): batches hold preprocessed
+    images under ``"images"`` (:class:`frozenlens.train.images.ImageData`), and
+    they change the backbone's computation only through
+    :mod:`frozenlens.backbones.hooks`, on :attr:`frozen_backbone`. They must be
+    built with the :class:`FrozenBackbone` itself, not its description.
+    """
 
     def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
         super().__init__()
@@ -145,8 +154,14 @@ def build_method(name: str, config: Any, backbone: "FrozenBackbone | dict[str, A
     """
     if config is None or isinstance(config, dict):
         config = make_config(name, config)
+    method_class = get_method(name)
+    if method_class.in_loop and not isinstance(backbone, FrozenBackbone):
+        raise FrozenlensError(
+            f"method {name!r} runs the backbone in the training loop: it needs the backbone itself on "
+            "this machine (build_method(..., backbone=<FrozenBackbone>); no --remote feature server)"
+        )
     info = backbone.describe() if isinstance(backbone, FrozenBackbone) else backbone
-    method = get_method(name)(config, info, num_classes)
+    method = method_class(config, info, num_classes)
     if isinstance(backbone, FrozenBackbone):
         method.bind(backbone)
     return method

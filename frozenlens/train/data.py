@@ -10,6 +10,23 @@ import torch
 from frozenlens.store.store import ActivationStore
 
 
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(kept, held out)``: ``fraction`` of each class held out (at least one
+    example, never a whole class), chosen with ``seed``; both sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.append(members[:max(count, 0)])
+    held_index = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held_index] = False
+    return torch.nonzero(keep).flatten(), held_index
+
+
 @dataclass
 class TapData:
     """Rows of a store (or of in-memory tensors) with their labels.
@@ -50,17 +67,8 @@ class TapData:
     def holdout(self, fraction: float = 0.2, seed: int = 0) -> tuple["TapData", "TapData"]:
         """Stratified split into (rest, held out): for methods that select on validation
         data when the protocol gives them none (the final runs on train+val)."""
-        generator = torch.Generator().manual_seed(seed)
-        held = []
-        for label in self.labels.unique():
-            members = torch.nonzero(self.labels == label).flatten()
-            members = members[torch.randperm(len(members), generator=generator)]
-            count = min(len(members) - 1, max(1, round(fraction * len(members))))
-            held.append(members[:max(count, 0)])
-        held_index = torch.cat(held).sort().values
-        keep = torch.ones(len(self), dtype=torch.bool)
-        keep[held_index] = False
-        return self.rows(torch.nonzero(keep).flatten()), self.rows(held_index)
+        keep_index, held_index = stratified_holdout(self.labels, fraction, seed)
+        return self.rows(keep_index), self.rows(held_index)
 
     def subset(self, keys: Sequence[str]) -> "TapData":
         """The same examples with only taps ``keys``."""

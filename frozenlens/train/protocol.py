@@ -1,9 +1,13 @@
-"""The VTAB-1k protocol on stored taps.
+"""The VTAB-1k protocol, on stored taps or (for in-loop methods) on the images.
 
 Tune on ``train`` (train800) / ``val`` (val200) over a grid of learning rate x
 weight decay, retrain on ``trainval`` (all 1000) with the winner for each seed,
 and report test accuracy as mean +- std. Nothing is ever selected on the test
 split: it is only evaluated once per final model.
+
+Methods that read taps get :class:`TapData` from the activation store; methods
+that run the backbone in the loop (``Method.in_loop``) get :class:`ImageData`
+(images decoded and preprocessed once, shared by every grid point and seed).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, build_method
 from frozenlens.store.store import ActivationStore
 from frozenlens.train.data import TapData
+from frozenlens.train.images import ImageData
 from frozenlens.train.measure import Measure
 from frozenlens.train.trainer import TrainConfig, count_trainable, evaluate
 
@@ -65,7 +70,7 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def run_protocol(
     method: str,
     config: Any,
-    store: ActivationStore,
+    store: ActivationStore | None,
     task: Task,
     backbone: FrozenBackbone | dict[str, Any],
     *,
@@ -76,6 +81,8 @@ def run_protocol(
 ) -> MethodResult:
     """Tune on train/val when ``grid`` is given, then train on trainval per seed, test once.
 
+    ``store`` may be None when the method runs the backbone in the loop (it then
+    trains on the images; ``backbone`` must be the :class:`FrozenBackbone`).
     Grid keys name :class:`TrainConfig` fields (lr, weight_decay, ...) or fields
     of the method's config (e.g. MIST's gather depth); both kinds are searched
     together. During the search, ``fit`` also receives the val split, for
@@ -83,18 +90,18 @@ def run_protocol(
     """
     probe = build_method(method, config, backbone, len(task.classes))
     result = MethodResult(method, probe.config, train_config)
-    data = _SplitCache(store, task)
+    data = _SplitCache(store, task, backbone, progress)
     if grid:
         result.grid, result.train_config, result.config = _search(probe, data, train_config, grid, progress)
     for seed in seeds:
         model = build_method(method, result.config, backbone, len(task.classes))
         cfg = result.train_config.updated(seed=seed)
         with Measure(cfg.device) as measured:
-            model.fit(data.get("trainval", model.tap_keys()), cfg, progress=progress)
+            model.fit(data.get("trainval", model), cfg, progress=progress)
         result.train_seconds += measured.seconds / len(seeds)
         result.peak_memory_mb = max(result.peak_memory_mb, measured.peak_mb)
         if "test" in task.splits:
-            result.test_accuracies.append(evaluate(model, data.get("test", model.tap_keys()), cfg.device))
+            result.test_accuracies.append(evaluate(model, data.get("test", model), cfg.device))
         if result.model is None:
             result.model = model
     result.trainable_params = count_trainable(result.model)
@@ -102,17 +109,40 @@ def run_protocol(
 
 
 class _SplitCache:
-    """Tap data of each split, loaded from the store once per set of taps."""
+    """Data of each split: tap data loaded from the store once per set of taps, or images
+    decoded once (train and val are taken from train+val's images when it holds them)."""
 
-    def __init__(self, store: ActivationStore, task: Task):
-        self.store, self.task = store, task
+    def __init__(self, store: ActivationStore | None, task: Task,
+                 backbone: FrozenBackbone | dict[str, Any], progress: bool = False):
+        self.store, self.task, self.backbone, self.progress = store, task, backbone, progress
         self._loaded: dict[tuple[str, tuple[str, ...]], TapData] = {}
+        self._images: dict[str, ImageData] = {}
 
-    def get(self, split: str, keys: Sequence[str]) -> TapData:
-        key = (split, tuple(keys))
+    def get(self, split: str, method: Method) -> TapData | ImageData:
+        """What ``method`` trains or is evaluated on for ``split``."""
+        if method.in_loop:
+            return self.images(split)
+        if self.store is None:
+            raise FrozenlensError(f"method {method.name!r} reads stored taps, but no store was given")
+        key = (split, tuple(method.tap_keys()))
         if key not in self._loaded:
-            self._loaded[key] = split_data(self.store, self.task, split, keys)
+            self._loaded[key] = split_data(self.store, self.task, split, key[1])
         return self._loaded[key]
+
+    def images(self, split: str) -> ImageData:
+        """Preprocessed images of ``split``."""
+        if split not in self._images:
+            if not isinstance(self.backbone, FrozenBackbone):
+                raise FrozenlensError("in-loop methods need the backbone itself, not its description")
+            paths = [str(i.path) for i in self.task.split(split)]
+            if split in ("train", "val") and "trainval" in self.task.splits:
+                found = self.images("trainval").select_paths(paths)
+                if found is not None:
+                    self._images[split] = found
+                    return found
+            self._images[split] = ImageData.from_task(self.task, split, self.backbone,
+                                                      progress=self.progress)
+        return self._images[split]
 
 
 def _split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -133,9 +163,8 @@ def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str,
         train_changes, config_changes = _split_point(point, probe.config)
         cfg, config = base.updated(**train_changes), dataclasses.replace(probe.config, **config_changes)
         model = build_method(probe.name, config, probe.backbone_source(), probe.num_classes)
-        keys = model.tap_keys()
-        model.fit(data.get("train", keys), cfg, val=data.get("val", keys), progress=False)
-        accuracy = evaluate(model, data.get("val", keys), cfg.device)
+        model.fit(data.get("train", model), cfg, val=data.get("val", model), progress=False)
+        accuracy = evaluate(model, data.get("val", model), cfg.device)
         rows.append({**point, "val_accuracy": accuracy})
         if progress:
             print(f"  {probe.name} {point} val={accuracy:.4f}")
