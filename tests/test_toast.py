@@ -7,13 +7,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from frozenlens.backbones.hooks import attention
 from frozenlens.methods import build_method
-from frozenlens.methods.toast import (
-    FeedbackPlan,
-    FeatureSelection,
-    attention_with_value_input,
-    run_block,
-)
+from frozenlens.methods.toast import FeatureSelection, FeedbackPlan
 from frozenlens.train.trainer import count_trainable
 
 
@@ -41,9 +37,9 @@ def test_value_input_attention_matches_the_equation(tiny_backbone):
     split = lambda t: t.reshape(2, -1, heads, dim // heads).transpose(1, 2)  # noqa: E731
     expected = attn.proj(F.scaled_dot_product_attention(split(q), split(k), split(v))
                          .transpose(1, 2).reshape(x.shape))
-    torch.testing.assert_close(attention_with_value_input(attn, x, x_td), expected)
-    assert torch.equal(attention_with_value_input(attn, x, torch.zeros_like(x)), attn(x))
-    assert not torch.allclose(attention_with_value_input(attn, x, x_td), attn(x))
+    torch.testing.assert_close(attention(attn, x, value_input=x_td), expected)
+    assert torch.equal(attention(attn, x, value_input=torch.zeros_like(x)), attn(x))
+    assert not torch.allclose(attention(attn, x, value_input=x_td), attn(x))
 
 
 def test_zero_top_down_signal_gives_the_plain_backbone_exactly(tiny_backbone):
@@ -191,9 +187,12 @@ def test_flops_are_twice_the_backbone_and_one_and_a_half_with_early_or_late(tiny
     assert 1.5 < ratios["early"] < 1.9 and 1.5 < ratios["late"] < 1.9
 
 
-def test_run_block_with_zero_value_input_is_the_block(tiny_backbone):
-    block = tiny_backbone.model.blocks[0]
-    x = torch.randn(2, tiny_backbone.num_tokens, tiny_backbone.dim)
+def test_the_shared_backbone_stays_plain_after_toast(tiny_backbone):
+    images = _images(tiny_backbone)
     with torch.no_grad():
-        assert torch.equal(run_block(block, x, torch.zeros_like(x)), block(x))
-    assert block.attn.__class__.__name__ == "Attention"     # the swap is undone
+        before = tiny_backbone(images)
+        method = build_method("toast", None, tiny_backbone, 3)
+        _strong_feedback(method)
+        method.passes(images, keep_attention=True)
+        assert torch.equal(tiny_backbone(images), before)
+    assert all(type(b.attn).__name__ == "Attention" for b in tiny_backbone.model.blocks)

@@ -12,7 +12,8 @@ Inference has four steps (paper, Section 3.1):
    ``td_l = top_down(h_l)`` is block ``l``'s top-down signal.
 4. **Pass 2**: the backbone runs again with every attention taking the top-down
    signal into its values only, ``V = W_v (X + X_td)``, ``Q, K`` from ``X`` alone
-   (:func:`attention_with_value_input`). A linear head reads the CLS token of pass 2.
+   (:func:`frozenlens.backbones.hooks.attention`, installed per forward through
+   :mod:`frozenlens.backbones.hooks`). A linear head reads the CLS token of pass 2.
 
 The backbone stays frozen; TOAST trains the feedback path, ``xi`` and the head
 (``P`` stays frozen, as in the reference code). TOAST-Lite freezes the feedback
@@ -36,69 +37,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
 from frozenlens.methods.base import Method, register
 from frozenlens.train.trainer import TrainConfig
 
 FEEDBACK_MODES = ("full", "early", "late")
-
-
-# -- attention with a value-only input ------------------------------------------------
-def attention_with_value_input(attn: nn.Module, x: torch.Tensor, value_input: torch.Tensor | None,
-                               *, keep_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """timm ``Attention`` on ``x`` with an extra input added to the values only.
-
-    ``Q, K, V = W_q X, W_k X, W_v (X + value_input)`` (biases as timm adds them), then
-    timm's attention, output norm, gate and projection unchanged. With
-    ``value_input`` None or zero the result equals ``attn(x)`` bit for bit (the
-    value projection of the extra input is *added* to timm's own ``V``).
-
-    ``keep_weights``: when given, the attention probabilities ``(B, heads, N, N)``
-    are appended to it (computed explicitly instead of by the fused kernel).
-    """
-    batch, tokens, _ = x.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if value_input is not None:
-        value_weight = attn.qkv.weight[2 * attn.attn_dim:]
-        extra = F.linear(value_input, value_weight)
-        v = v + extra.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
-    if keep_weights is None and attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        if keep_weights is not None:
-            keep_weights.append(weights.detach())
-        out = attn.attn_drop(weights) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
-class _ValueInputAttention(nn.Module):
-    """Stand-in for ``block.attn`` during one forward (interim; moves to backbones/hooks)."""
-
-    def __init__(self, attn: nn.Module, value_input: torch.Tensor | None, keep: list | None):
-        super().__init__()
-        self.attn, self.value_input, self.keep = attn, value_input, keep
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        return attention_with_value_input(self.attn, x, self.value_input, keep_weights=self.keep)
-
-
-def run_block(block: nn.Module, x: torch.Tensor, value_input: torch.Tensor | None,
-              keep_weights: list | None = None) -> torch.Tensor:
-    """``block(x)`` with ``value_input`` added to its attention's values (None: plain block)."""
-    if value_input is None and keep_weights is None:
-        return block(x)
-    original = block.attn
-    block.attn = _ValueInputAttention(original, value_input, keep_weights)
-    try:
-        return block(x)
-    finally:
-        block.attn = original
 
 
 # -- trainable modules ----------------------------------------------------------------
@@ -386,34 +329,28 @@ class TOAST(Method):
                keep_attention: bool = False) -> TOASTPasses:
         """Pass 1, feature selection, feedback and pass 2 for a batch of images."""
         net, plan = self.frozen_backbone, self.plan
-        blocks = net.model.blocks
-        attention: dict[str, torch.Tensor] = {}
+        kept1: list[torch.Tensor] = []
+        kept2: list[torch.Tensor] = []
         with torch.no_grad():  # nothing trainable before the feature selection
-            x = embedded = net.embed(images)
-            lower = embedded
-            for index in range(plan.source + 1):
-                keep = [] if keep_attention and index == plan.source else None
-                x = run_block(blocks[index], x, None, keep)
-                if keep:
-                    attention["pass1"] = keep[0]
-                if index == plan.pass2_start - 1:
-                    lower = x
-            z = net.model.norm(x)
+            first = net.model
+            if keep_attention:
+                first = edited_model(first, Edits(modules={f"blocks.{plan.source}.attn": value_input(None, kept1)}))
+            lower = run_blocks(first, net.embed(images), stop=plan.pass2_start)
+            z = net.model.norm(run_blocks(first, lower, start=plan.pass2_start, stop=plan.source + 1))
         token_weights = self.selection.token_weights(z)
         signals = self.feedback_signals(self.selection(z))
-        x, inputs, outputs = lower, {}, {}
-        for index in range(plan.pass2_start, net.depth):
-            keep = [] if keep_attention and index == net.depth - 1 else None
-            if record_blocks and index in signals:
-                inputs[index] = x
-            x = run_block(blocks[index], x, signals.get(index), keep)
-            if record_blocks and index in signals:
-                outputs[index] = x
-            if keep:
-                attention["pass2"] = keep[0]
-        tokens = net.model.norm(x)
+        last = net.depth - 1
+        edits = {f"blocks.{i}.attn": value_input(signals.get(i), kept2 if keep_attention and i == last else None)
+                 for i in set(signals) | ({last} if keep_attention else set())}
+        second = edited_model(net.model, Edits(modules=edits))
+        inputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
+        outputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
+        x = run_blocks(second, lower, start=plan.pass2_start, inputs=inputs, outputs=outputs)
+        tokens = second.norm(x)
         logits = self.head(_pooled(tokens, net.num_prefix_tokens))
-        return TOASTPasses(logits, tokens, token_weights, inputs, outputs, attention)
+        attention = {"pass1": kept1[0], "pass2": kept2[0]} if keep_attention else {}
+        return TOASTPasses(logits, tokens, token_weights, _only(inputs, signals), _only(outputs, signals),
+                           attention)
 
     def feedback_signals(self, selected: torch.Tensor) -> dict[int, torch.Tensor]:
         """Top-down signal of every block with a feedback layer, from the selected tokens."""
@@ -440,6 +377,11 @@ def _init_head(linear: nn.Linear) -> None:
     reference code's head."""
     nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
     nn.init.constant_(linear.bias, -math.log((1 - 0.01) / 0.01))
+
+
+def _only(blocks: dict[int, torch.Tensor] | None, keep: dict[int, Any]) -> dict[int, torch.Tensor]:
+    """The entries of ``blocks`` whose block index is in ``keep`` (none when not recorded)."""
+    return {i: t for i, t in (blocks or {}).items() if i in keep}
 
 
 def _pooled(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
