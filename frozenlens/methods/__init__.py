@@ -17,6 +17,7 @@ from frozenlens.methods import head2toe as _head2toe  # noqa: F401  (registers)
 from frozenlens.methods import inca as _inca  # noqa: F401  (registers)
 from frozenlens.methods import linear as _linear  # noqa: F401  (registers)
 from frozenlens.methods import mist as _mist  # noqa: F401  (registers)
+from frozenlens.methods import petl as _petl  # noqa: F401  (registers)
 from frozenlens.methods import toast as _toast  # noqa: F401  (registers)
 from frozenlens.methods import vqt as _vqt  # noqa: F401  (registers)
 

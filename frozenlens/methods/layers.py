@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -39,3 +39,16 @@ def group_lasso(weight: torch.Tensor) -> torch.Tensor:
     ``norm(dim=0)``, which reduces across the strided axis.
     """
     return weight.square().sum(0).sqrt().sum()
+
+
+def init_kaiming_head(linear: nn.Linear) -> None:
+    """Kaiming-normal (fan out) weights and zero bias: the head of the VPT / VQT code bases."""
+    nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
+    nn.init.zeros_(linear.bias)
+
+
+def patch_area(backbone: dict[str, Any]) -> int:
+    """Pixels per patch, from the input size and the patch grid (16 x 16 when unknown)."""
+    size = backbone.get("data_config", {}).get("input_size", [None])[-1]
+    grid = backbone.get("grid_size", [None])[-1]
+    return (size // grid) ** 2 if size and grid else 256

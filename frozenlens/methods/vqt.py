@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,8 @@ from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import group_lasso
+from frozenlens.methods.layers import init_kaiming_head as _init_head
+from frozenlens.methods.layers import patch_area as _patch_area
 from frozenlens.methods.query_attention import check_block, input_taps, query_block
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, train
@@ -129,13 +131,16 @@ class VQT(Method):
         """Logits from raw taps: each block's input tokens and the final CLS token."""
         return self.classify(self.features(batch, normed=False))
 
-    def summaries(self, batch: dict[str, torch.Tensor], *, normed: bool) -> list[torch.Tensor]:
+    def summaries(self, batch: dict[str, torch.Tensor], *, normed: bool,
+                  blocks: Sequence[nn.Module] | None = None) -> list[torch.Tensor]:
         """Each block's query outputs ``(B, T, D)``.
 
         ``batch`` holds the block inputs under their tap keys, or (``normed``) their
-        ``norm1`` under ``norm1.<l>`` as made by :meth:`normed_inputs`.
+        ``norm1`` under ``norm1.<l>`` as made by :meth:`normed_inputs`. ``blocks``: the
+        blocks the queries pass through (default: the frozen backbone's; an adapted
+        model's when VQT reads features a PETL method adapts, e.g. ``vqt+adaptformer``).
         """
-        blocks = self.frozen_backbone.model.blocks
+        blocks = self.frozen_backbone.model.blocks if blocks is None else blocks
         keys = self._input_keys(normed)
         batch_size = batch[keys[0]].shape[0]
         outputs = []
@@ -146,9 +151,11 @@ class VQT(Method):
             outputs.append(query_block(block, queries, batch[key], normed=normed))
         return outputs
 
-    def features(self, batch: dict[str, torch.Tensor], *, normed: bool) -> torch.Tensor:
-        """Head input ``(B, F)``: final CLS and every block's summary, aggregated."""
-        cls_token, outputs = batch[CLS_KEY], self.summaries(batch, normed=normed)
+    def features(self, batch: dict[str, torch.Tensor], *, normed: bool,
+                 blocks: Sequence[nn.Module] | None = None) -> torch.Tensor:
+        """Head input ``(B, F)``: final CLS and every block's summary, aggregated
+        (``blocks`` as in :meth:`summaries`)."""
+        cls_token, outputs = batch[CLS_KEY], self.summaries(batch, normed=normed, blocks=blocks)
         if self.config.aggregate == "weighted_sum":
             vectors = torch.cat([cls_token.unsqueeze(1)] + outputs, dim=1)       # (B, 1+L*T, D)
             vectors = F.normalize(vectors, dim=-1) if self.config.normalize else vectors
@@ -263,19 +270,6 @@ class _FeatureHead(nn.Module):
         if not self.lasso:
             return torch.zeros(())
         return self.lasso * group_lasso(self.linear.weight)
-
-
-def _init_head(linear: nn.Linear) -> None:
-    """Kaiming-normal (fan out) weights, zero bias, as the official VQT head."""
-    nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
-    nn.init.zeros_(linear.bias)
-
-
-def _patch_area(backbone: dict[str, Any]) -> int:
-    """Pixels per patch, from the input size and the patch grid (16 x 16 when unknown)."""
-    size = backbone.get("data_config", {}).get("input_size", [None])[-1]
-    grid = backbone.get("grid_size", [None])[-1]
-    return (size // grid) ** 2 if size and grid else 256
 
 
 def _check_config(config: VQTConfig) -> None:
