@@ -82,7 +82,7 @@ def _slow_app(backbone, seconds: float):
 
 @pytest.fixture(scope="module")
 def server(tiny_backbone):
-    with LiveServer(create_app(tiny_backbone, token=TOKEN, gather_depths=[4, 8])) as live:
+    with LiveServer(create_app(tiny_backbone, token=TOKEN)) as live:  # MIST's gathers: k = 4, 8, 12
         yield live
 
 
@@ -120,6 +120,37 @@ def test_remote_fit_then_predict_matches_the_local_path(server, tiny_task, tiny_
     assert [r["top"][0][0] for r in remote] == [h["top"][0][0] for h in here]
     for r, h in zip(remote, here):
         assert dict(r["top"]) == pytest.approx(dict(h["top"]), abs=1e-4)
+
+
+def test_mist_on_the_edge_fetches_only_the_gathers_and_predicts_through_the_server(server, tiny_task,
+                                                                                     tiny_backbone, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "mist"
+    served_before = server.state.images_served
+    assert main(["fit", str(tiny_task), "--remote", server.url, "--token", TOKEN, "--codec", "int8",
+                 "--method", "mist:lae_blocks=1,epochs=3", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    from frozenlens.store import ActivationStore
+
+    store = ActivationStore(Path(results["context"]["store"]))
+    assert store.taps == ["gather.12:tokens", "gather.4:tokens", "gather.8:tokens"]  # not 13 block maps
+    assert store.meta["origin"] == "remote:int8" and store.num_images == 81
+    assert server.state.images_served - served_before == 81  # every image fetched once
+    adapter = json.loads((out / "mist-lae_blocks=1,epochs=3" / "adapter.json").read_text())
+    chosen = adapter["config"]["gather_depth"]
+    assert adapter["config"]["gathered"] is True and chosen in (4, 8, 12)
+    assert adapter["taps"] == [f"gather.{chosen}:tokens"] and adapter["features_from"] == "remote:int8"
+
+    images = sorted((tiny_task / "images" / "red").glob("test_*.png"))[:3]
+    capsys.readouterr()
+    assert main(["predict", str(out / "mist-lae_blocks=1,epochs=3"), *map(str, images), "--json",
+                 "--remote", server.url, "--token", TOKEN]) == 0
+    remote = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(remote) == 3 and all(abs(sum(p for _, p in r["top"]) - 1) < 1e-5 for r in remote)
+    assert main(["predict", str(out / "mist-lae_blocks=1,epochs=3"), *map(str, images), "--json"]) == 0
+    local = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # g_k computed here
+    for r, h in zip(remote, local):
+        assert dict(r["top"]) == pytest.approx(dict(h["top"]), abs=0.05)  # int8 on the wire vs float here
 
 
 def test_client_refuses_a_wrong_token_and_a_different_backbone(server, tiny_task, tmp_path, capsys):

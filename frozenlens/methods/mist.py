@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -237,6 +237,8 @@ class MIST(SideNetwork):
     config_class = MISTConfig
     summary = ("low-rank attention edge network (LAE) on g_k = embed + sum of the first k block "
                "outputs; k chosen on validation among N/3, 2N/3, N")
+    remote_settings: ClassVar[dict[str, Any]] = {"gathered": True}
+    """With a feature server (``fit --remote``) MIST asks for g_k itself: one token map per image."""
 
     def __init__(self, config: MISTConfig, backbone: dict[str, Any], num_classes: int):
         if config.lae_blocks < 1:
