@@ -6,6 +6,8 @@
     frozenlens extract DATA --method head2toe         # fill the activation store only
     frozenlens backbones | frozenlens methods
     frozenlens serve                                  # the backbone as a feature server (separated tuning)
+    frozenlens pretune toast DATA... --out DIR        # pre-tune TOAST's top-down modules
+    frozenlens explain runs/mytask/toast photo.jpg --out maps/   # TOAST's attention, pass 1 vs 2
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from frozenlens.cli_toast import add_toast_parsers, run_explain, run_pretune
 from frozenlens.errors import FrozenlensError
 
 _DESCRIPTION = """\
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_remote_args(predict, codec_default=None)
 
     add_serve_parser(sub)
+    add_toast_parsers(sub, _add_backbone_args)
     sub.add_parser("backbones", help="list backbones available offline and by name")
     sub.add_parser("methods", help="list methods, their settings and defaults")
     return parser
@@ -271,7 +275,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"fit": _cmd_fit, "demo": _cmd_demo, "extract": _cmd_extract, "predict": _cmd_predict,
-             "backbones": _cmd_backbones, "methods": _cmd_methods, "serve": _cmd_serve}
+             "backbones": _cmd_backbones, "methods": _cmd_methods, "serve": _cmd_serve,
+             "pretune": run_pretune, "explain": run_explain}
 
 if __name__ == "__main__":
     sys.exit(main())

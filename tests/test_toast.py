@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -53,10 +56,16 @@ def test_zero_top_down_signal_gives_the_plain_backbone_exactly(tiny_backbone):
     assert torch.equal(passes.logits, method.head(plain[:, 0]))
 
 
-def _strong_feedback(method, seed: int = 0) -> None:
-    """Seeded modules whose top-down signal reaches every block at a visible size."""
+def _strong_feedback(method, seed: int = 0, images: torch.Tensor | None = None) -> None:
+    """Seeded modules whose top-down signal reaches every block at a visible size.
+
+    With ``images``, the task embedding is their mean output token, so that the
+    feature selection keeps some tokens of them (a random one may keep none).
+    """
     method.reset_trainable(seed)
     with torch.no_grad():
+        if images is not None:
+            method.selection.task_embedding.copy_(method.frozen_backbone(images).mean(dim=(0, 1)))
         for layer in method.feedback.values():
             layer.feed_down.weight.copy_(torch.eye(layer.feed_down.weight.shape[0]))
             layer.top_down.weight.normal_(0, 0.1)
@@ -196,3 +205,171 @@ def test_the_shared_backbone_stays_plain_after_toast(tiny_backbone):
         method.passes(images, keep_attention=True)
         assert torch.equal(tiny_backbone(images), before)
     assert all(type(b.attn).__name__ == "Attention" for b in tiny_backbone.model.blocks)
+
+
+# -- adapters, fitting, pre-tuning, explain -----------------------------------------------
+def test_adapter_round_trip_holds_only_toast_modules(tiny_backbone, tmp_path):
+    from safetensors.torch import load_file
+
+    from frozenlens.adapter import load_adapter, save_adapter
+
+    images = _images(tiny_backbone)
+    for name in ("toast", "toast-lite"):
+        method = build_method(name, {"feedback": "late"}, tiny_backbone, 3)
+        _strong_feedback(method, seed=3)
+        save_adapter(tmp_path / name, method, ["a", "b", "c"])
+        loaded, meta = load_adapter(tmp_path / name, tiny_backbone)
+        assert meta["method"] == name and meta["config"]["feedback"] == "late"
+        with torch.no_grad():
+            assert torch.equal(loaded({"images": images}), method({"images": images}))
+        keys = set(load_file(str(tmp_path / name / "adapter.safetensors")))
+        assert keys == set(method.state_dict())
+        assert all(k.split(".")[0] in ("selection", "feedback", "head") for k in keys)
+
+
+def _tiny_images(task_dir, split: str, backbone):
+    from frozenlens.data import load_task
+    from frozenlens.train.images import ImageData
+
+    return ImageData.from_task(load_task(task_dir), split, backbone)
+
+
+def test_fit_trains_the_intended_parameters_and_nothing_else(tiny_backbone, tiny_task):
+    from frozenlens.train.trainer import TrainConfig, evaluate
+
+    data = _tiny_images(tiny_task, "trainval", tiny_backbone)
+    hash_before = tiny_backbone.weights_hash
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, epochs=3, warmup_epochs=1, batch_size=16)
+    for name, changed, unchanged in (
+        ("toast", ("feedback.11.feed_down.weight", "selection.task_embedding", "head.weight"),
+         ("selection.channel_transform",)),
+        ("toast-lite", ("feedback.11.feed_down.lora_b", "selection.channel_transform", "head.weight"),
+         ("feedback.11.feed_down.weight", "feedback.0.top_down.weight")),
+    ):
+        method = build_method(name, None, tiny_backbone, 3)
+        method.reset_trainable(cfg.seed)
+        start = {k: v.clone() for k, v in method.state_dict().items()}
+        method.fit(data, cfg)
+        end = method.state_dict()
+        assert all(not torch.equal(start[k], end[k]) for k in changed), name
+        assert all(torch.equal(start[k], end[k]) for k in unchanged), name
+        assert evaluate(method, _tiny_images(tiny_task, "test", tiny_backbone)) > 0.5  # chance is 1/3
+    from frozenlens.backbones.base import state_dict_sha256
+
+    assert state_dict_sha256(tiny_backbone.model) == hash_before
+
+
+def test_variational_loss_trains_feed_down_to_invert_its_block(tiny_backbone):
+    from frozenlens.methods.toast_pretune import VARIATIONAL_WEIGHT, variational_objective
+
+    method = build_method("toast", {"feedback": "early"}, tiny_backbone, 3)
+    _strong_feedback(method)
+    images, labels = _images(tiny_backbone), torch.tensor([0, 2])
+    passes = method.passes(images, record_blocks=True)
+    assert sorted(passes.block_inputs) == list(range(6))
+    expected = sum(F.mse_loss(passes.block_outputs[i] @ method.feedback[str(i)].feed_down.weight.T,
+                              passes.block_inputs[i]) for i in range(6))
+    torch.testing.assert_close(method.variational_loss(passes), expected)
+    method.variational_loss(passes).backward()
+    assert all(p.grad is not None for n, p in method.named_parameters() if ".feed_down." in n)
+    assert all(p.grad is None for n, p in method.named_parameters() if ".feed_down." not in n)
+    method.zero_grad(set_to_none=True)
+    loss, _ = variational_objective(method, {"images": images}, labels, 0.0)
+    with torch.no_grad():
+        again = method.passes(images, record_blocks=True)
+        total = F.cross_entropy(again.logits, labels) + VARIATIONAL_WEIGHT * method.variational_loss(again)
+    torch.testing.assert_close(loss, total)
+
+
+def test_pretune_then_fit_from_it_through_the_cli(tiny_task, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from frozenlens.adapter import read_adapter_meta
+    from frozenlens.cli import main
+    from tests.conftest import TINY_BACKBONE, make_vtab_task
+
+    (tmp_path / "other").mkdir()
+    other = make_vtab_task(tmp_path / "other", {"train": 4, "val": 2, "test": 1}, seed=1)
+    pretuned = tmp_path / "pretuned"
+    backbone = ["--backbone", TINY_BACKBONE, "--img-size", "32"]
+    assert main(["pretune", "toast:batch_size=16", str(tiny_task), str(other), "--out", str(pretuned),
+                 "--epochs", "1", *backbone]) == 0
+    assert f"toast:pretuned={pretuned}" in capsys.readouterr().out
+    meta = read_adapter_meta(pretuned)
+    assert meta["classes"][:3] == [f"{tiny_task.name}/red", f"{tiny_task.name}/green",
+                                   f"{tiny_task.name}/blue"] and len(meta["classes"]) == 6
+    assert meta["pretune"]["images"] == 18 * 3 + 6 * 3 and meta["pretune"]["variational_weight"] == 0.03
+    stored = load_file(str(pretuned / "adapter.safetensors"))
+
+    out = tmp_path / "fit"
+    assert main(["fit", str(tiny_task), "--out", str(out), "--method",
+                 f"toast-lite:pretuned={pretuned},epochs=2,feedback=late", *backbone]) == 0
+    label = f"toast-lite-pretuned={pretuned},epochs=2,feedback=late"
+    fitted = load_file(str(out / label / "adapter.safetensors"))
+    for key in ("feedback.11.feed_down.weight", "feedback.6.top_down.weight"):  # frozen in Lite
+        assert torch.equal(fitted[key], stored[key])
+    assert not torch.equal(fitted["selection.task_embedding"], stored["selection.task_embedding"])
+    assert "feedback.0.feed_down.weight" not in fitted                            # late: upper half only
+
+    from frozenlens.backbones import load_backbone
+
+    net = load_backbone(TINY_BACKBONE, img_size=32)
+    start = build_method("toast", {"pretuned": str(pretuned)}, net, 3)
+    start.reset_trainable(5)
+    assert all(torch.equal(start.state_dict()[k], stored[k]) for k in start.state_dict()
+               if not k.startswith("head."))
+
+
+def test_pretuned_modules_must_come_from_the_same_backbone(tiny_backbone, tmp_path):
+    import json
+
+    from frozenlens.adapter import save_adapter
+    from frozenlens.errors import AdapterError
+
+    save_adapter(tmp_path / "p", build_method("toast", None, tiny_backbone, 2), ["x", "y"])
+    meta_file = tmp_path / "p" / "adapter.json"
+    meta = json.loads(meta_file.read_text())
+    meta["backbone"]["weights_hash"] = "0" * 64
+    meta_file.write_text(json.dumps(meta))
+    method = build_method("toast", {"pretuned": str(tmp_path / "p")}, tiny_backbone, 3)
+    with pytest.raises(AdapterError, match="pre-tuned on backbone"):
+        method.reset_trainable(0)
+
+
+def test_explain_writes_attention_pngs(tiny_backbone, tiny_task, tmp_path, capsys):
+    from PIL import Image
+
+    from frozenlens.adapter import save_adapter
+    from frozenlens.cli import main
+
+    method = build_method("toast", None, tiny_backbone, 3)
+    _strong_feedback(method)
+    save_adapter(tmp_path / "toast", method, ["red", "green", "blue"])
+    image = sorted((tiny_task / "images" / "red").glob("test_*.png"))[0]
+    assert main(["explain", str(tmp_path / "toast"), str(image), "--out", str(tmp_path / "maps")]) == 0
+    written = capsys.readouterr().out.split()
+    assert [Path(p).name for p in written] == [f"{image.stem}_{s}.png" for s in ("pass1", "pass2", "steps")]
+    for path in written:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as png:
+            png.verify()
+            assert png.size[0] >= 300
+
+
+def test_attention_maps_are_cls_to_patch_attention_of_the_last_block(tiny_backbone):
+    from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
+    from frozenlens.explain import toast_attention_maps
+
+    method = build_method("toast", None, tiny_backbone, 3)
+    image = _images(tiny_backbone, count=1)
+    _strong_feedback(method, images=image)
+    maps = toast_attention_maps(method, image[0])
+    kept: list[torch.Tensor] = []
+    view = edited_model(tiny_backbone.model, Edits(modules={"blocks.11.attn": value_input(None, kept)}))
+    with torch.no_grad():
+        run_blocks(view, tiny_backbone.embed(image))
+    expected = kept[0][0, :, 0, 1:].mean(0).reshape(tiny_backbone.grid_size).numpy()
+    assert maps.pass1.shape == tiny_backbone.grid_size
+    assert np.allclose(maps.pass1, expected, atol=1e-6)
+    assert not np.allclose(maps.pass2, maps.pass1)
+    assert abs(maps.probabilities.sum() - 1) < 1e-5
