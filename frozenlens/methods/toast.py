@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
 from frozenlens.methods.base import Method, register
+from frozenlens.methods.layers import init_kaiming_head
 from frozenlens.train.trainer import TrainConfig
 
 FEEDBACK_MODES = ("full", "early", "late")
@@ -374,8 +375,8 @@ class TOASTLite(TOAST):
 
 def _init_head(linear: nn.Linear) -> None:
     """Kaiming-normal (fan out) weights; bias ``-log(99)`` (prior probability 0.01), as the
-    reference code's head."""
-    nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
+    reference code's head (its MLP with ``special_bias``)."""
+    init_kaiming_head(linear)
     nn.init.constant_(linear.bias, -math.log((1 - 0.01) / 0.01))
 
 
