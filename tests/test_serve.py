@@ -237,3 +237,17 @@ def test_each_codec_on_the_wire_is_the_codec_applied_to_the_float32_answer(clien
         sent = decode_payload(client.post("/v1/features", headers=AUTH, json={**body, "codec": name}).content)
         for key, values in exact.features.items():
             assert np.array_equal(sent.features[key], CODECS[name].decode(CODECS[name].encode(values)))
+
+
+def test_serve_command_teaches_and_refuses_insecure_off_loopback(capsys):
+    from frozenlens.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--insecure" in text and "--remote http://SERVER:8765" in text and "--ray" in text
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "--remote URL" in capsys.readouterr().out
+    assert main(["serve", "--insecure", "--host", "0.0.0.0"]) == 2
+    assert "loopback" in capsys.readouterr().err

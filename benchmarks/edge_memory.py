@@ -1,0 +1,129 @@
+"""Peak resident memory of MIST on the edge, in a process of its own (run by separated_tuning.py).
+
+``train``: load the fetched g_k of every image in the edge's activation store
+(the training images), fit MIST's edge network (LAE + head) with the shared trainer, save the adapter.
+``predict``: load the adapter and classify images whose features a feature server
+computes (``frozenlens.predict`` with a :class:`~frozenlens.serve.RemoteTaps`).
+
+The baseline is the resident set (``VmRSS``) right after ``import torch``: the
+interpreter's and torch's own memory, reported apart. The high-water mark
+(``VmHWM``, what ``getrusage`` reports as ``ru_maxrss``) is then reset (``echo 5 >
+/proc/self/clear_refs``), so that a transient peak while torch loads does not hide
+the work's own; the peak is read at the end. Resident sets count anonymous and
+file-backed pages. Prints one JSON line.
+
+    python benchmarks/edge_memory.py train STORE TASK K ADAPTER_OUT [--epochs 1] [--threads 2]
+    python benchmarks/edge_memory.py predict ADAPTER URL TOKEN IMAGE... [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_mb() -> float:
+    """This process's resident set now, in MiB."""
+    return _status_mb("VmRSS")
+
+
+def peak_mb() -> float:
+    """High-water mark of the resident set since the last :func:`reset_peak`, in MiB."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak() -> None:
+    """Reset the high-water mark to the current resident set (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def train(args: argparse.Namespace, marks: dict[str, float]) -> dict:
+    from frozenlens.adapter import save_adapter
+    from frozenlens.data import load_task
+    from frozenlens.methods import build_method
+    from frozenlens.store import ActivationStore
+    from frozenlens.train.data import TapData
+
+    marks["frozenlens imported"] = rss_mb()
+    store, task = ActivationStore(args.store), load_task(args.task)
+    model = build_method("mist", {"gather_depth": args.k, "gathered": True}, store.meta["backbone"],
+                         len(task.classes))
+    labels = {str(item.path): item.label for item in task.all_images()}
+    data = TapData.from_store(store, model.tap_keys(), store.image_paths,
+                              [labels[p] for p in store.image_paths], len(task.classes))
+    marks["features loaded"] = rss_mb()
+    cfg = model.train_defaults.updated(epochs=args.epochs, warmup_epochs=0)
+    started = time.perf_counter()
+    model.fit(data, cfg)
+    seconds = time.perf_counter() - started
+    save_adapter(args.adapter_out, model, task.classes,
+                 extra={"store_dtype": store.dtype, "features_from": store.meta.get("origin", "local backbone")})
+    return {"images": len(data), "feature_dtype": store.dtype, "feature_shape": list(store.shape(model.tap_keys()[0])),
+            "features_mb": round(data.features[model.tap_keys()[0]].nbytes / 2**20, 1),
+            "epochs": args.epochs, "batch_size": cfg.batch_size, "train_seconds": round(seconds, 1)}
+
+
+def predict(args: argparse.Namespace, marks: dict[str, float]) -> dict:
+    from frozenlens.adapter import read_adapter_meta
+    from frozenlens.api import predict as predict_images
+    from frozenlens.serve.client import RemoteTaps
+
+    marks["frozenlens imported"] = rss_mb()
+    meta = read_adapter_meta(args.adapter)
+    codec = str(meta.get("features_from", "remote:float16")).removeprefix("remote:")
+    source = RemoteTaps.connect(args.url, args.token, codec, expect_weights_hash=meta["backbone"]["weights_hash"])
+    started = time.perf_counter()
+    predictions = predict_images([args.adapter], args.images, backbone=source, batch_size=args.batch_size)
+    return {"images": len(predictions), "codec": codec, "batch_size": args.batch_size,
+            "predict_seconds": round(time.perf_counter() - started, 1),
+            "bytes_received": source.client.bytes_received}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    fit = sub.add_parser("train")
+    fit.add_argument("store")
+    fit.add_argument("task")
+    fit.add_argument("k", type=int)
+    fit.add_argument("adapter_out")
+    fit.add_argument("--epochs", type=int, default=1)
+    use = sub.add_parser("predict")
+    use.add_argument("adapter")
+    use.add_argument("url")
+    use.add_argument("token")
+    use.add_argument("images", nargs="+")
+    use.add_argument("--batch-size", type=int, default=32)
+    for each in (fit, use):
+        each.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    marks = {"interpreter": rss_mb()}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    marks["torch imported (baseline)"] = rss_mb()
+    reset_peak()
+    detail = train(args, marks) if args.mode == "train" else predict(args, marks)
+    marks["peak"] = peak_mb()
+    baseline = marks["torch imported (baseline)"]
+    print(json.dumps({"mode": args.mode, "marks_mb": {k: round(v, 1) for k, v in marks.items()},
+                      "baseline_mb": round(baseline, 1), "beyond_baseline_mb": round(marks["peak"] - baseline, 1),
+                      **detail}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
