@@ -251,3 +251,9 @@ def test_serve_command_teaches_and_refuses_insecure_off_loopback(capsys):
     assert "--remote URL" in capsys.readouterr().out
     assert main(["serve", "--insecure", "--host", "0.0.0.0"]) == 2
     assert "loopback" in capsys.readouterr().err
+
+
+def test_the_engine_refuses_taps_the_backbone_cannot_compute_at_start(tiny_backbone):
+    for taps, depths in [(["block.12:tokens"], [4]), (["gather.13:tokens"], [4]), (["final:cls"], [13])]:
+        with pytest.raises(FrozenlensError, match="blocks"):
+            FeatureEngine(tiny_backbone, taps, depths)

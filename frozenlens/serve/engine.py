@@ -76,7 +76,8 @@ class FeatureEngine:
         declared = [t if isinstance(t, Tap) else Tap.parse(t) for t in taps]
         for tap in declared:  # a tap this backbone cannot compute fails at start, not per request
             backbone.tap_shape(tap)
-            if tap.gather_depth is None and tap.block is not None and tap.block >= backbone.depth:
+            deepest = tap.gather_depth - 1 if tap.gather_depth is not None else tap.block
+            if deepest is not None and deepest >= backbone.depth:
                 raise FrozenlensError(f"tap {tap.key}: this backbone has blocks 0..{backbone.depth - 1}")
         gathers = [Tap(f"gather.{k}", "tokens") for k in self.gather_depths]
         self.served: dict[str, Tap] = {t.key: t for t in [*declared, *gathers]}
