@@ -71,6 +71,18 @@ def _strong_feedback(method, seed: int = 0, images: torch.Tensor | None = None) 
             layer.top_down.weight.normal_(0, 0.1)
 
 
+def test_zero_signal_is_exact_on_a_dinov2_block_too():
+    """Layer scale, 14 px patches, 6 heads: the architecture of the offline default backbone."""
+    from frozenlens.backbones import load_backbone
+
+    net = load_backbone("random:vit_small_patch14_dinov2", img_size=28)
+    method = build_method("toast-lite", {"feedback": "late"}, net, 2)
+    _zero_top_down(method)
+    images = _images(net)
+    with torch.no_grad():
+        assert torch.equal(method.passes(images).tokens, net(images))
+
+
 def test_pass_two_keeps_queries_and_keys_of_a_plain_pass(tiny_backbone):
     method = build_method("toast", None, tiny_backbone, 3)
     _strong_feedback(method)
@@ -170,6 +182,16 @@ def test_late_feedback_reuses_pass_one_below_the_middle(tiny_backbone):
     assert torch.equal(passes.block_inputs[6], expected)
     assert FeedbackPlan.make("late", 12, 4).layers == tuple(range(4, 12))
     assert FeedbackPlan.make("early", 12, 4) == FeedbackPlan(3, (0, 1, 2, 3), 0)
+
+
+@pytest.mark.parametrize("settings, message", [({"feedback": "sideways"}, "feedback='sideways'"),
+                                               ({"feedback": "late", "middle": 12}, "middle=12"),
+                                               ({"lora_rank": 0}, "lora_rank=0")])
+def test_bad_settings_are_clear_errors(tiny_backbone, settings, message):
+    from frozenlens.errors import FrozenlensError
+
+    with pytest.raises(FrozenlensError, match=message):
+        build_method("toast-lite", settings, tiny_backbone, 3)
 
 
 def _block_tap(index: int):

@@ -37,7 +37,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
+from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import init_kaiming_head
 from frozenlens.train.trainer import TrainConfig
@@ -88,7 +90,7 @@ class LoRALinear(nn.Linear):
                  bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         if rank < 1:
-            raise ValueError(f"LoRA rank {rank}: must be at least 1")
+            raise FrozenlensError(f"lora_rank={rank}: must be at least 1")
         self.rank, self.scaling = rank, alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
@@ -160,10 +162,11 @@ class FeedbackPlan:
         ``middle`` is the number of blocks in the lower half (0: ``depth // 2``).
         """
         if mode not in FEEDBACK_MODES:
-            raise ValueError(f"feedback={mode!r}: use one of {', '.join(FEEDBACK_MODES)}")
+            raise FrozenlensError(f"feedback={mode!r}: use one of {', '.join(FEEDBACK_MODES)}")
         middle = middle or depth // 2
         if mode != "full" and not 0 < middle < depth:
-            raise ValueError(f"middle={middle}: must be in 1..{depth - 1} for {mode} feedback")
+            raise FrozenlensError(f"middle={middle}: must be in 1..{depth - 1} for {mode} feedback "
+                                  f"(0 means depth // 2 = {depth // 2})")
         if mode == "early":
             return cls(middle - 1, tuple(range(middle)), 0)
         if mode == "late":
@@ -269,6 +272,8 @@ class TOAST(Method):
         dim = backbone["dim"]
         self.plan = FeedbackPlan.make(config.feedback, backbone["depth"], config.middle)
         rank, alpha = getattr(config, "lora_rank", 0), getattr(config, "lora_alpha", 1.0)
+        if isinstance(config, TOASTLiteConfig) and rank < 1:
+            raise FrozenlensError(f"lora_rank={rank}: TOAST-Lite's LoRA rank must be at least 1 (paper: 4)")
         self.selection = FeatureSelection(dim)
         self.feedback = nn.ModuleDict({str(i): FeedbackLayer(dim, rank, alpha) for i in self.plan.layers})
         self.head = nn.Linear(dim, num_classes)
@@ -279,6 +284,18 @@ class TOAST(Method):
     def taps(cls, config: TOASTConfig, backbone: dict[str, Any]) -> list:
         """None: TOAST runs the backbone itself (in the loop)."""
         return []
+
+    def bind(self, backbone: FrozenBackbone) -> None:
+        """Bind the frozen backbone; the top-down signal needs timm's standard ``Attention``."""
+        from timm.layers import Attention
+
+        for index, block in enumerate(backbone.model.blocks):
+            if not isinstance(getattr(block, "attn", None), Attention):
+                raise FrozenlensError(
+                    f"{self.name}: block {index} of {backbone.name!r} has attention "
+                    f"{type(getattr(block, 'attn', None)).__name__}; the top-down value input needs "
+                    "timm's Attention (a plain timm ViT such as vit_* or DINOv2)")
+        super().bind(backbone)
 
     # -- initialisation ---------------------------------------------------------------
     def reset_trainable(self, seed: int) -> None:
@@ -300,7 +317,6 @@ class TOAST(Method):
         from safetensors.torch import load_file
 
         from frozenlens.adapter import WEIGHTS_FILE, read_adapter_meta
-        from frozenlens.errors import AdapterError
 
         meta = read_adapter_meta(folder)
         if meta["method"] not in ("toast", "toast-lite"):
