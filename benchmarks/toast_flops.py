@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = measure(args.backbone, args.img_size, args.num_classes)
     ctx = {**machine_context(), "command": command_line(__file__)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "toast_flops.json").write_text(json.dumps({"result": result, "context": ctx}, indent=2) + "\n")
+    payload = {"result": result, "context": ctx}
+    (args.out / "toast_flops.json").write_text(json.dumps(payload, indent=2) + "\n")
     text = markdown(result, ctx)
     (args.out / "toast_flops.md").write_text(text)
     print(text)

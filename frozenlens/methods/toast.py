@@ -345,29 +345,43 @@ class TOAST(Method):
     def passes(self, images: torch.Tensor, *, record_blocks: bool = False,
                keep_attention: bool = False) -> TOASTPasses:
         """Pass 1, feature selection, feedback and pass 2 for a batch of images."""
-        net, plan = self.frozen_backbone, self.plan
-        kept1: list[torch.Tensor] = []
-        kept2: list[torch.Tensor] = []
-        with torch.no_grad():  # nothing trainable before the feature selection
-            first = net.model
-            if keep_attention:
-                first = edited_model(first, Edits(modules={f"blocks.{plan.source}.attn": value_input(None, kept1)}))
-            lower = run_blocks(first, net.embed(images), stop=plan.pass2_start)
-            z = net.model.norm(run_blocks(first, lower, start=plan.pass2_start, stop=plan.source + 1))
-        token_weights = self.selection.token_weights(z)
+        kept: dict[str, list[torch.Tensor]] = {"pass1": [], "pass2": []} if keep_attention else {}
+        lower, z = self._first_pass(images, kept.get("pass1"))
         signals = self.feedback_signals(self.selection(z))
-        last = net.depth - 1
-        edits = {f"blocks.{i}.attn": value_input(signals.get(i), kept2 if keep_attention and i == last else None)
-                 for i in set(signals) | ({last} if keep_attention else set())}
-        second = edited_model(net.model, Edits(modules=edits))
         inputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
         outputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
-        x = run_blocks(second, lower, start=plan.pass2_start, inputs=inputs, outputs=outputs)
-        tokens = second.norm(x)
-        logits = self.head(_pooled(tokens, net.num_prefix_tokens))
-        attention = {"pass1": kept1[0], "pass2": kept2[0]} if keep_attention else {}
-        return TOASTPasses(logits, tokens, token_weights, _only(inputs, signals), _only(outputs, signals),
-                           attention)
+        tokens = self._second_pass(lower, signals, kept.get("pass2"), inputs, outputs)
+        logits = self.head(_pooled(tokens, self.frozen_backbone.num_prefix_tokens))
+        return TOASTPasses(logits, tokens, self.selection.token_weights(z), _only(inputs, signals),
+                           _only(outputs, signals), {name: weights[0] for name, weights in kept.items()})
+
+    @torch.no_grad()
+    def _first_pass(self, images: torch.Tensor, keep: list[torch.Tensor] | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain pass 1 up to the feedback source: ``(input of pass 2's first block, z)``.
+
+        Nothing before the feature selection trains, so it runs without autograd.
+        """
+        net, plan = self.frozen_backbone, self.plan
+        model = net.model
+        if keep is not None:
+            keeping = {f"blocks.{plan.source}.attn": value_input(None, keep)}
+            model = edited_model(model, Edits(modules=keeping))
+        lower = run_blocks(model, net.embed(images), stop=plan.pass2_start)
+        top = run_blocks(model, lower, start=plan.pass2_start, stop=plan.source + 1)
+        return lower, net.model.norm(top)
+
+    def _second_pass(self, lower: torch.Tensor, signals: dict[int, torch.Tensor],
+                     keep: list[torch.Tensor] | None, inputs: dict[int, torch.Tensor] | None,
+                     outputs: dict[int, torch.Tensor] | None) -> torch.Tensor:
+        """Pass 2 from ``lower`` with every block's top-down value input: final normed tokens."""
+        net = self.frozen_backbone
+        last = net.depth - 1
+        blocks = set(signals) | ({last} if keep is not None else set())
+        edits = {f"blocks.{i}.attn": value_input(signals.get(i), keep if i == last else None) for i in blocks}
+        model = edited_model(net.model, Edits(modules=edits))
+        x = run_blocks(model, lower, start=self.plan.pass2_start, inputs=inputs, outputs=outputs)
+        return model.norm(x)
 
     def feedback_signals(self, selected: torch.Tensor) -> dict[int, torch.Tensor]:
         """Top-down signal of every block with a feedback layer, from the selected tokens."""
@@ -385,7 +399,7 @@ class TOASTLite(TOAST):
     name = "toast-lite"
     config_class = TOASTLiteConfig
     summary = ("TOAST with LoRA (r=4) on the feedback maps: xi, P, LoRA factors and head train "
-               "(<1% of TOAST's parameters)")
+               "(about 1% of the backbone's parameters)")
     train_channel_transform = True
 
 
