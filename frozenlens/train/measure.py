@@ -37,13 +37,16 @@ class Measure:
 
     On CUDA the peak is ``torch.cuda.max_memory_allocated`` above the start; on
     CPU a thread samples the resident set size every few milliseconds and the
-    peak above the start is reported (``peak_mb``).
+    peak above the start is reported (``peak_mb``). ``cpu_seconds`` is the CPU time of
+    the whole process (all threads, user + system): unlike wall time it barely moves
+    when other programs share the machine, so benchmarks on shared CPUs compare it too.
     """
 
     def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
         self.device = torch.device(device)
         self.interval = interval
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._peak = 0
@@ -59,7 +62,7 @@ class Measure:
             self._start_bytes = self._peak = current_rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
         return self
 
     def _sample(self) -> None:
@@ -76,4 +79,5 @@ class Measure:
             self._thread.join()
             peak = max(self._peak, current_rss_bytes())
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = time.process_time() - self._cpu0
         self.peak_mb = max(peak - self._start_bytes, 0) / 2**20
