@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                         help="also run MIST's k-sweep and InCA's per-layer accuracies")
+    parser.add_argument("--extras-epochs", type=int, default=20,
+                        help="epochs of each MIST and InCA fit in the extras (default: 20)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep-store", action="store_true",
                         help="keep the benchmark's fresh store (default: delete it at the end)")
@@ -199,7 +201,7 @@ def vqt_side_by_side(args: argparse.Namespace, backbone: FrozenBackbone, task: T
 
 
 def mist_sweep(backbone: FrozenBackbone, task: Task, train_store: ActivationStore,
-               test_store: ActivationStore, seed: int) -> dict[str, Any]:
+               test_store: ActivationStore, seed: int, epochs: int) -> dict[str, Any]:
     """MIST at every candidate gather depth: val200 accuracy (selection) and test accuracy."""
     try:  # imported here: the sweep runs whatever MIST the checkout has when it gets here
         from frozenlens.methods.mist import gather_candidates
@@ -209,7 +211,7 @@ def mist_sweep(backbone: FrozenBackbone, task: Task, train_store: ActivationStor
     rows = []
     for k in gather_candidates(backbone.depth):
         model = build_method("mist", {"gather_depth": k}, backbone, len(task.classes))
-        cfg = model.train_defaults.updated(seed=seed)
+        cfg = model.train_defaults.updated(seed=seed, epochs=epochs, warmup_epochs=max(1, epochs // 10))
         with Measure() as run:
             model.fit(split_taps(train_store, task, "train", model.tap_keys()), cfg, progress=True)
         val = evaluate(model, split_taps(train_store, task, "val", model.tap_keys()))
@@ -222,11 +224,11 @@ def mist_sweep(backbone: FrozenBackbone, task: Task, train_store: ActivationStor
 
 
 def inca_layers(backbone: FrozenBackbone, task: Task, train_store: ActivationStore,
-                test_store: ActivationStore, seed: int) -> dict[str, Any]:
+                test_store: ActivationStore, seed: int, epochs: int) -> dict[str, Any]:
     """One InCA adapter per block, trained in parallel; val200 accuracy of each, test of the best."""
     model = build_method("inca", {"layers": "all"}, backbone, len(task.classes))
     keys = model.tap_keys()
-    cfg = model.train_defaults.updated(seed=seed)
+    cfg = model.train_defaults.updated(seed=seed, epochs=epochs, warmup_epochs=max(1, epochs // 10))
     with Measure() as run:
         model.fit(split_taps(train_store, task, "train", keys), cfg,
                   val=split_taps(train_store, task, "val", keys), progress=True)
@@ -320,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"vqt": vqt_side_by_side(args, backbone, task, train_store, test_store,
                                           extract_train, extract_test)}
         if args.extras:
-            result["mist"] = mist_sweep(backbone, task, train_store, test_store, args.seed)
-            result["inca"] = inca_layers(backbone, task, train_store, test_store, args.seed)
+            result["mist"] = mist_sweep(backbone, task, train_store, test_store, args.seed, args.extras_epochs)
+            result["inca"] = inca_layers(backbone, task, train_store, test_store, args.seed, args.extras_epochs)
     finally:
         if not args.keep_store:
             shutil.rmtree(root, ignore_errors=True)
