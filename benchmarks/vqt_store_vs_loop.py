@@ -68,12 +68,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                         help="also run MIST's k-sweep and InCA's per-layer accuracies")
+    parser.add_argument("--test-limit", type=int, default=0,
+                        help="evaluate on this many test images, evenly spaced through test.txt "
+                             "(default 0: all); test evaluation is timed apart from training")
     parser.add_argument("--extras-epochs", type=int, default=20,
                         help="epochs of each MIST and InCA fit in the extras (default: 20)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep-store", action="store_true",
                         help="keep the benchmark's fresh store (default: delete it at the end)")
     return parser.parse_args(argv)
+
+
+def limit_test(task: Task, limit: int) -> Task:
+    """``task`` with at most ``limit`` test images, evenly spaced (all when ``limit`` is 0)."""
+    test = task.splits.get("test", [])
+    if not limit or limit >= len(test):
+        return task
+    step = len(test) / limit
+    subset = [test[int(i * step)] for i in range(limit)]
+    return dataclasses.replace(task, splits={**task.splits, "test": subset})
 
 
 def paths(task: Task, split: str) -> list[str]:
@@ -305,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if task_dir is None:
         print(f"task {args.task!r} not found (a folder, or a name in ../shared/data)", file=sys.stderr)
         return 2
-    task = load_task(task_dir)
+    task = limit_test(load_task(task_dir), args.test_limit)
     backbone = load_backbone(args.backbone, device=args.device)
     depth = backbone.depth
     vqt = build_method("vqt", {"num_queries": args.num_queries}, backbone, len(task.classes))
