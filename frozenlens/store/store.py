@@ -127,7 +127,6 @@ class ActivationStore:
                 f"{self.path}: extraction incomplete ({done}/{self.meta['num_shards']} shards); "
                 "run the same extraction again to resume it"
             )
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
 
     @property
     def num_images(self) -> int:
@@ -172,7 +171,11 @@ class ActivationStore:
             raise StoreError(f"{self.path}: image {err.args[0]} is not in this store") from err
 
     def get(self, key: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows ``indices`` of tap ``key`` (random access, memory-mapped)."""
+        """Rows ``indices`` of tap ``key`` (random access, memory-mapped).
+
+        Each shard is mapped only while its rows are copied: a read of a whole
+        split keeps its copy resident, not the file pages it came from as well.
+        """
         key = self._check(key)
         indices = np.asarray(indices, dtype=np.int64)
         size = self.meta["shard_size"]
@@ -180,7 +183,9 @@ class ActivationStore:
         shard_of = indices // size
         for shard in np.unique(shard_of):
             rows = np.nonzero(shard_of == shard)[0]
-            out[rows] = self._map(key, int(shard))[indices[rows] - shard * size]
+            mapped = self._map(key, int(shard))
+            out[rows] = mapped[indices[rows] - shard * size]
+            del mapped  # unmapped here; the copy is what stays
         return out
 
     def array(self, key: str) -> np.ndarray:
@@ -193,10 +198,8 @@ class ActivationStore:
         return key
 
     def _map(self, key: str, shard: int) -> np.ndarray:
-        if (key, shard) not in self._maps:
-            file = self.path / "shards" / f"{shard:06d}" / _tap_file(key)
-            self._maps[key, shard] = np.load(file, mmap_mode="r", allow_pickle=False)
-        return self._maps[key, shard]
+        file = self.path / "shards" / f"{shard:06d}" / _tap_file(key)
+        return np.load(file, mmap_mode="r", allow_pickle=False)
 
 
 def _done_shards(path: Path) -> set[int]:
