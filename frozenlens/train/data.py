@@ -27,6 +27,15 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int,
     return torch.nonzero(keep).flatten(), held_index
 
 
+def minibatch_indices(count: int, batch_size: int, *, shuffle: bool = False,
+                      generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Row indices of each minibatch; every data source uses this, so the same seed gives the
+    same batches whether taps come from the store, the live backbone or raw images."""
+    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+    for start in range(0, count, batch_size):
+        yield order[start:start + batch_size]
+
+
 @dataclass
 class TapData:
     """Rows of a store (or of in-memory tensors) with their labels.
@@ -78,9 +87,6 @@ class TapData:
                 generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Minibatches ``(features, labels)``; shuffled with ``generator`` when asked."""
-        count = len(self)
-        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-        for start in range(0, count, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
             batch = {k: v[idx].to(device).float() for k, v in self.features.items()}
             yield batch, self.labels[idx].to(device)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import Task, load_image
 from frozenlens.errors import FrozenlensError
-from frozenlens.train.data import stratified_holdout
+from frozenlens.train.data import minibatch_indices, stratified_holdout
 
 IMAGES_KEY = "images"
 
@@ -143,10 +143,7 @@ class ImageData:
                 generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Minibatches ``({"images": ...}, labels)`` in :meth:`TapData.batches` order."""
-        count = len(self)
-        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-        for start in range(0, count, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
             yield {IMAGES_KEY: self.images(idx, device)}, self.labels[idx].to(device)
 
 

@@ -21,6 +21,7 @@ import torch
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.data import Task, load_image
+from frozenlens.train.data import minibatch_indices
 
 
 class LiveTaps:
@@ -87,8 +88,5 @@ class LiveTaps:
                 generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Minibatches ``(features, labels)`` in :meth:`TapData.batches` order, taps computed now."""
-        count = len(self)
-        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-        for start in range(0, count, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
             yield self.taps_of(idx, device), self.labels[idx].to(device)
