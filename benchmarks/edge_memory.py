@@ -7,9 +7,10 @@ computes (``frozenlens.predict`` with a :class:`~frozenlens.serve.RemoteTaps`).
 
 Two baselines, both reported apart: the resident set (``VmRSS``) right after
 ``import torch`` (the interpreter and torch's libraries), and after a warm-up of
-torch itself, one forward and backward of a LayerNorm, a Linear and attention on
-a 2x3x8 tensor plus an Adam step (torch's kernels, thread pools and autograd
-engine load on first use: about 170 MB on this machine, whatever the model). The high-water mark
+torch itself on a 2x3x8 tensor: a LayerNorm, a Linear and attention, forward and
+backward plus an Adam step for ``train`` (torch's kernels, thread pools and
+autograd engine load on first use: about 170 MB on this machine, whatever the
+model), the forward alone under ``inference_mode`` for ``predict``. The high-water mark
 (``VmHWM``, what ``getrusage`` reports as ``ru_maxrss``) is then reset (``echo 5 >
 /proc/self/clear_refs``), so that a transient peak while torch loads does not hide
 the work's own; the peak is read at the end. Resident sets count anonymous and
@@ -52,12 +53,17 @@ def reset_peak() -> None:
         clear.write("5")
 
 
-def warm_up_torch() -> None:
-    """One tiny forward/backward/Adam step: torch loads its kernels and thread pools on first use."""
+def warm_up_torch(training: bool) -> None:
+    """A tiny forward (and for training backward + Adam step): torch loads kernels and pools on first use."""
     import torch
     from torch.nn import functional as F
 
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    if not training:
+        with torch.inference_mode():
+            x = model(torch.randn(2, 3, 8)).view(2, 1, 3, 8)
+            F.scaled_dot_product_attention(x, x, x)
+        return
     optimizer = torch.optim.Adam(model.parameters())
     x = model(torch.randn(2, 3, 8)).view(2, 1, 3, 8)
     F.scaled_dot_product_attention(x, x, x).sum().backward()
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     marks["torch imported (baseline)"] = rss_mb()
-    warm_up_torch()
+    warm_up_torch(args.mode == "train")
     marks["torch warmed up"] = rss_mb()
     reset_peak()
     detail = train(args, marks) if args.mode == "train" else predict(args, marks)

@@ -377,8 +377,9 @@ def report(r: dict[str, Any]) -> str:
     trains = mem["train"] if isinstance(mem["train"], list) else [mem["train"]]
     predict = mem["predict"]
     lines += ["", "## Edge peak memory (each in a fresh process; VmRSS / VmHWM)", "",
-              "Baselines: interpreter + `import torch`; and torch warmed up by one tiny forward/backward/Adam "
-              "step (kernels, thread pools, autograd engine load on first use, whatever the model).", "",
+              "Baselines: interpreter + `import torch`; and torch warmed up on a 2x3x8 tensor (training: "
+              "forward, backward and an Adam step; prediction: forward only), since kernels, thread pools and "
+              "the autograd engine load on first use, whatever the model.", "",
               "| phase | import torch (MB) | torch warmed up (MB) | peak (MB) | beyond import (MB) | "
               "beyond warm torch (MB) | target | detail |", "|---|---|---|---|---|---|---|---|"]
 
