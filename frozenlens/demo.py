@@ -11,10 +11,10 @@ from frozenlens.paths import cache_dir
 TUNED_METHODS = ("linear", "linear:patch_mean=true", "head2toe")
 """Cheap on stored pooled taps: the full VTAB protocol (grid search, every seed)."""
 TOKEN_METHODS = (
-    "vqt:epochs=10,seeds=0",
-    "inca:layers=6+8+10+11,epochs=10,seeds=0",
-    "mist:gather_depth=8,epochs=10,seeds=0",
-    "last:epochs=3,seeds=0",
+    "vqt:epochs=10,warmup_epochs=1,seeds=0",
+    "inca:layers=6+8+10+11,epochs=10,warmup_epochs=1,seeds=0",
+    "mist:gather_depth=12,epochs=10,warmup_epochs=1,lr=0.003,seeds=0",
+    "last:epochs=3,warmup_epochs=1,seeds=0",
 )
 """Read every block's tokens; on a 2-core CPU the demo trains them once, with their default
 hyper-parameters and fewer epochs (each setting is printed in the table's label)."""
