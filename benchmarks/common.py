@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from frozenlens.data import Task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -52,3 +55,13 @@ def resolve_task(name: str) -> Path | None:
         return path
     shared = SHARED_DATA / name
     return shared if (shared / "test.txt").is_file() else None
+
+
+def limit_test(task: Task, limit: int) -> Task:
+    """``task`` with at most ``limit`` test images, evenly spaced (all when ``limit`` is 0)."""
+    test = task.splits.get("test", [])
+    if not limit or limit >= len(test):
+        return task
+    step = len(test) / limit
+    subset = [test[int(i * step)] for i in range(limit)]
+    return dataclasses.replace(task, splits={**task.splits, "test": subset})

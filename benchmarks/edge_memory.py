@@ -1,7 +1,9 @@
 """Peak resident memory of MIST on the edge, in a process of its own (run by separated_tuning.py).
 
-``train``: load the fetched g_k of every image in the edge's activation store
-(the training images), fit MIST's edge network (LAE + head) with the shared trainer, save the adapter.
+``train``: fit MIST's edge network (LAE + head) with the shared trainer on the
+fetched g_k of every image in the edge's activation store (the training images),
+read from the store minibatch by minibatch (``frozenlens fit --low-memory``, the
+default with ``--remote``) or, with ``--no-stream``, loaded whole first; save the adapter.
 ``predict``: load the adapter and classify images whose features a feature server
 computes (``frozenlens.predict`` with a :class:`~frozenlens.serve.RemoteTaps`).
 
@@ -16,7 +18,7 @@ model), the forward alone under ``inference_mode`` for ``predict``. The high-wat
 the work's own; the peak is read at the end. Resident sets count anonymous and
 file-backed pages. Prints one JSON line.
 
-    python benchmarks/edge_memory.py train STORE TASK K ADAPTER_OUT [--epochs 1] [--threads 2]
+    python benchmarks/edge_memory.py train STORE TASK K ADAPTER_OUT [--epochs 1] [--no-stream] [--threads 2]
     python benchmarks/edge_memory.py predict ADAPTER URL TOKEN IMAGE... [--threads 2]
 """
 
@@ -83,8 +85,8 @@ def train(args: argparse.Namespace, marks: dict[str, float]) -> dict:
                          len(task.classes))
     labels = {str(item.path): item.label for item in task.all_images()}
     data = TapData.from_store(store, model.tap_keys(), store.image_paths,
-                              [labels[p] for p in store.image_paths], len(task.classes))
-    marks["features loaded"] = rss_mb()
+                              [labels[p] for p in store.image_paths], len(task.classes), stream=args.stream)
+    marks["features loaded" if not args.stream else "features opened (streamed)"] = rss_mb()
     cfg = model.train_defaults.updated(epochs=args.epochs, warmup_epochs=0,
                                        **({"batch_size": args.batch_size} if args.batch_size else {}))
     started = time.perf_counter()
@@ -93,7 +95,8 @@ def train(args: argparse.Namespace, marks: dict[str, float]) -> dict:
     save_adapter(args.adapter_out, model, task.classes,
                  extra={"store_dtype": store.dtype, "features_from": store.meta.get("origin", "local backbone")})
     return {"images": len(data), "feature_dtype": store.dtype, "feature_shape": list(store.shape(model.tap_keys()[0])),
-            "features_mb": round(data.features[model.tap_keys()[0]].nbytes / 2**20, 1),
+            "features_mb": round(store.bytes_per_image_of(model.tap_keys()) * len(data) / 2**20, 1),
+            "features_held": "streamed from the store" if args.stream else "in memory",
             "epochs": args.epochs, "batch_size": cfg.batch_size, "train_seconds": round(seconds, 1)}
 
 
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("adapter_out")
     fit.add_argument("--epochs", type=int, default=1)
     fit.add_argument("--batch-size", type=int, default=0, help="0: MIST's default (the paper's 32)")
+    fit.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                     help="read g_k minibatch by minibatch from the store (default), or --no-stream: "
+                          "load all of it first")
     use = sub.add_parser("predict")
     use.add_argument("adapter")
     use.add_argument("url")

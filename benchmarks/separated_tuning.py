@@ -18,7 +18,8 @@ in its own process on 127.0.0.1:
 3. **edge peak memory** of training and of prediction, each in a process of its
    own (``benchmarks/edge_memory.py``), at ``--img-size`` (224 px, the paper's
    setting): training fits MIST on the fetched g_k (float16 store, int8 on the
-   wire) of ``--mem-train`` images; prediction classifies ``--predict-images``
+   wire) of ``--mem-train`` images, read from the store batch by batch (batch 32
+   and 16) and, for comparison, loaded whole (batch 32); prediction classifies ``--predict-images``
    test images through the server;
 4. **server throughput** (images/s) with 1, 4 and 16 concurrent clients, each
    sending requests of ``--request-images`` images for g_k in int8, at ``--img-size``.
@@ -311,7 +312,8 @@ def served_parts(args: argparse.Namespace, task: Task, work: Path, server: Serve
     store, fetch_s = fetch(server, train, [Tap(f"gather.{k}")], work / "edge", "int8", "float16")
     adapter = work / "edge-adapter"
     trained = [edge_process(["train", str(store.path), str(task.root), str(k), str(adapter), "--epochs",
-                             str(args.mem_epochs), "--batch-size", str(batch)]) for batch in (32, 16)]
+                             str(args.mem_epochs), "--batch-size", str(batch), stream])
+               for batch, stream in ((32, "--stream"), (16, "--stream"), (32, "--no-stream"))]
     predicted = edge_process(["predict", str(adapter), server.url, server.token, *test])
     out["edge_memory"] = {"fetch_seconds": round(fetch_s, 1), "train": trained, "predict": predicted}
     return out
@@ -391,7 +393,8 @@ def report(r: dict[str, Any]) -> str:
     for train in trains:
         lines.append(memory_row(f"training, batch {train['batch_size']}", train, "≤ 400",
                                 f"{train['images']} images, g_k {train['feature_shape']} {train['feature_dtype']} "
-                                f"in memory ({train['features_mb']} MB), {train['epochs']} epoch(s), "
+                                f"({train['features_mb']} MB) {train.get('features_held', 'in memory')}, "
+                                f"{train['epochs']} epoch(s), "
                                 f"{train['train_seconds']} s"))
     lines += [memory_row("prediction", predict, "≤ 200",
                          f"{predict['images']} images through the server, {predict['codec']}, batch "

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
-from common import RESULTS, command_line, machine_context, machine_line, resolve_task
+from common import RESULTS, command_line, limit_test, machine_context, machine_line, resolve_task
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, block_tap, load_backbone
 from frozenlens.data import Task, load_task
 from frozenlens.methods import build_method
@@ -77,16 +77,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-store", action="store_true",
                         help="keep the benchmark's fresh store (default: delete it at the end)")
     return parser.parse_args(argv)
-
-
-def limit_test(task: Task, limit: int) -> Task:
-    """``task`` with at most ``limit`` test images, evenly spaced (all when ``limit`` is 0)."""
-    test = task.splits.get("test", [])
-    if not limit or limit >= len(test):
-        return task
-    step = len(test) / limit
-    subset = [test[int(i * step)] for i in range(limit)]
-    return dataclasses.replace(task, splits={**task.splits, "test": subset})
 
 
 def paths(task: Task, split: str) -> list[str]:

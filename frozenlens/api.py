@@ -110,6 +110,7 @@ def fit(
     store_dtype: str = "float16",
     batch_size: int = 32,
     progress: bool = True,
+    low_memory: bool = False,
 ) -> FitReport:
     """Fit one or more methods on a task from one extraction of the backbone.
 
@@ -135,6 +136,8 @@ def fit(
         store_dtype: precision of stored taps.
         batch_size: images per backbone pass during extraction (per request when remote).
         progress: progress bars and messages.
+        low_memory: leave stored taps on disk and read every minibatch from the store, so
+            training memory is one batch rather than the whole split (for edge devices).
     """
     task = data if isinstance(data, Task) else load_task(data)
     specs = [MethodSpec.parse(m) for m in methods]
@@ -165,7 +168,7 @@ def fit(
         result = run_protocol(spec.name, configs[spec.label], store, task, info if remote else net,
                               train_config=cfg,
                               grid=method_class.grid if tune else None, seeds=spec.seeds(seeds),
-                              progress=progress)
+                              progress=progress, stream=low_memory)
         results[spec.label] = result
         keys = result.model.tap_keys()
         records.append(result_record(spec.label, result, store.bytes_per_image_of(keys) if keys else 0))
@@ -242,8 +245,8 @@ def predict(
     for start in range(0, len(images), batch_size):
         chunk = [Path(p) for p in images[start:start + batch_size]]
         with torch.inference_mode():
-            values = _tap_values(net, chunk, taps, device) if taps else {}
-            pixels = preprocess(net, chunk, device) if needs_images else None
+            pixels = preprocess(net, chunk, device) if isinstance(net, FrozenBackbone) else None
+            values = _tap_values(net, chunk, pixels, taps, device) if taps else {}
             for (method, meta), folder in zip(loaded, adapters):
                 if method.in_loop:
                     feats = {IMAGES_KEY: pixels}
@@ -255,11 +258,11 @@ def predict(
     return predictions
 
 
-def _tap_values(net: FrozenBackbone | TapSource, images: list[Path], taps: list[Tap],
-                device: str) -> dict[str, torch.Tensor]:
-    """Values of ``taps`` for ``images``: a local backbone pass, or one request to a feature server."""
+def _tap_values(net: FrozenBackbone | TapSource, images: list[Path], pixels: torch.Tensor | None,
+                taps: list[Tap], device: str) -> dict[str, torch.Tensor]:
+    """Values of ``taps``: a local backbone pass on ``pixels``, or one request to a feature server."""
     if isinstance(net, FrozenBackbone):
-        return net.forward_taps(preprocess(net, images, device), taps)
+        return net.forward_taps(pixels, taps)
     values = net.compute_taps([str(p) for p in images], taps)
     return {key: torch.from_numpy(value).to(device) for key, value in values.items()}
 

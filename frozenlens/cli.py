@@ -76,6 +76,11 @@ def _add_fit_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="override the methods' default epochs")
     parser.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
                         help="precision of stored activations (default: float16)")
+    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="leave stored taps on disk and read each minibatch from the store: "
+                             "memory stays at one batch however many images (default: on with "
+                             "--remote, off otherwise; epochs are slower when the store is not in "
+                             "the OS page cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +166,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         backbone = remote_source(args, args.codec)
     report = fit(task, args.methods or ["linear"], backbone=backbone, arch=args.arch,
                  img_size=args.img_size, grid=args.grid, seeds=args.seeds, epochs=args.epochs, out=out,
-                 device=args.device, store_dtype=args.store_dtype)
+                 device=args.device, store_dtype=args.store_dtype,
+                 low_memory=bool(args.remote) if args.low_memory is None else args.low_memory)
     _print_report(report)
     return 0
 

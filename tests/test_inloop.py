@@ -105,8 +105,11 @@ def test_fit_without_stored_taps_extracts_nothing_and_predict_feeds_images(
     monkeypatch.undo()
     linear = api.fit(tiny_task, ["linear:epochs=3"], backbone=tiny_backbone, out=tmp_path / "lin", progress=False)
     images = [i.path for i in load_task(tiny_task).split("test")[:5]]
+    decoded, decode = [], api.preprocess
+    monkeypatch.setattr(api, "preprocess", lambda *args: decoded.append(args) or decode(*args))
     both = api.predict([folder, tmp_path / "lin" / "linear-epochs=3"], images, backbone=tiny_backbone, top_k=3)
     assert len(both) == 10
+    assert len(decoded) == 1            # one decode per batch feeds both the taps and the in-loop adapter
     data = ImageData.from_paths(images, [0] * 5, 3, tiny_backbone)
     model = report.results[offset_method].model.eval()
     with torch.no_grad():

@@ -26,7 +26,10 @@ def test_benchmark_smoke_run_reports_every_measurement(tmp_path):
     assert [row["clients"] for row in result["throughput"]["rows"]] == [1, 4, 16]
     assert result["load_test"]["passed"] and result["load_test"]["server_errors"] == 0
     memory = result["edge_memory"]
-    assert [t["batch_size"] for t in memory["train"]] == [32, 16] and memory["train"][0]["images"] == 60
+    streamed, in_memory = "streamed from the store", "in memory"
+    assert [(t["batch_size"], t["features_held"]) for t in memory["train"]] == [
+        (32, streamed), (16, streamed), (32, in_memory)]
+    assert memory["train"][0]["images"] == 60
     assert memory["train"][0]["warm_baseline_mb"] >= memory["train"][0]["baseline_mb"] > 0
     assert memory["predict"]["images"] == 16 and memory["predict"]["codec"] == "int8"
     assert set(result["accuracy"]["codecs"]) == {"float32", "float16", "int8"}

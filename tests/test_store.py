@@ -121,3 +121,35 @@ def test_killed_and_resumed_extraction_is_byte_identical(tiny_task, tiny_backbon
     assert {n: (store_dir / "shards" / n).stat().st_mtime_ns for n in finished} == mtimes
     assert not list((store_dir / "shards").glob(".tmp-*"))
     assert _shard_bytes(resumed) == _shard_bytes(reference)
+
+
+def test_streamed_taps_stay_on_disk_and_give_the_same_batches(tiny_task, tiny_backbone, tmp_path):
+    from frozenlens.train.data import StoredRows, TapData
+
+    task = load_task(tiny_task)
+    images = _images(tiny_task)
+    store = extract(tiny_backbone, images, TAPS, root=tmp_path, shard_size=7, progress=False)
+    items = task.split("trainval")
+    args = (store, [t.key for t in TAPS], [str(i.path) for i in items], [i.label for i in items], 3)
+    held, streamed = TapData.from_store(*args), TapData.from_store(*args, stream=True)
+    assert all(isinstance(v, StoredRows) for v in streamed.features.values())
+    assert streamed.features["block.3:tokens"].shape == held.features["block.3:tokens"].shape
+    rest, out = streamed.holdout(0.25, seed=1)
+    assert all(isinstance(v, StoredRows) for v in rest.features.values())   # a subset reads nothing
+    pairs = zip(held.holdout(0.25, seed=1)[0].batches(5, shuffle=True, generator=torch.Generator().manual_seed(2)),
+                rest.batches(5, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    for (expected, labels), (got, got_labels) in pairs:
+        assert torch.equal(labels, got_labels)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_low_memory_fit_trains_the_same_model(tiny_task, tiny_backbone, tmp_path):
+    from frozenlens.api import fit
+
+    runs = [fit(tiny_task, ["mist:epochs=2"], backbone=tiny_backbone, low_memory=low, progress=False)
+            for low in (False, True)]
+    (in_memory, streamed) = (next(iter(r.results.values())) for r in runs)
+    assert in_memory.test_accuracies == streamed.test_accuracies
+    assert in_memory.model.config.gather_depth == streamed.model.config.gather_depth
+    for key, value in in_memory.model.state_dict().items():
+        torch.testing.assert_close(value, streamed.model.state_dict()[key], rtol=0, atol=0, equal_nan=True)

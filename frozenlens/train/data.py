@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from frozenlens.store.store import ActivationStore
@@ -36,29 +37,75 @@ def minibatch_indices(count: int, batch_size: int, *, shuffle: bool = False,
         yield order[start:start + batch_size]
 
 
+class StoredRows:
+    """Rows of one stored tap that stay on disk until a minibatch asks for them.
+
+    Supports what :class:`TapData` does with a feature tensor: ``len``, ``shape``,
+    ``dtype``, indexing with a slice or an index tensor (reads those rows from the
+    store's files and returns a tensor in the store's precision), :meth:`take`
+    (a subset that still reads nothing) and :meth:`float` (reads every row). Memory
+    then stays at one minibatch whatever the number of images: for edge devices.
+    """
+
+    def __init__(self, store: ActivationStore, key: str, rows: np.ndarray):
+        self.store, self.key, self.rows = store, key, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(rows, *per-image shape)``, as a tensor's."""
+        return torch.Size((len(self.rows), *self.store.shape(self.key)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The store's precision."""
+        return getattr(torch, self.store.dtype)
+
+    def take(self, index: torch.Tensor | np.ndarray) -> "StoredRows":
+        """The rows at ``index``, still unread."""
+        return StoredRows(self.store, self.key, self.rows[np.asarray(index)])
+
+    def __getitem__(self, index: slice | torch.Tensor | np.ndarray) -> torch.Tensor:
+        picked = self.rows[index] if isinstance(index, slice) else self.rows[np.asarray(index)]
+        return torch.from_numpy(self.store.get(self.key, picked))
+
+    def float(self) -> torch.Tensor:
+        """Every row, read into memory as float32."""
+        return self[:].float()
+
+
+def _take(values: torch.Tensor | StoredRows, index: torch.Tensor) -> torch.Tensor | StoredRows:
+    return values.take(index) if isinstance(values, StoredRows) else values[index]
+
+
 @dataclass
 class TapData:
     """Rows of a store (or of in-memory tensors) with their labels.
 
     Features keep the store's precision in memory (float16 by default: half the
-    RAM for token taps) and are cast to float32 batch by batch.
+    RAM for token taps), or stay in the store until a minibatch reads them
+    (:class:`StoredRows`), and are cast to float32 batch by batch.
 
     Attributes:
-        features: tap key -> tensor with one row per example.
+        features: tap key -> tensor (or :class:`StoredRows`) with one row per example.
         labels: class index per example.
         num_classes: size of the label space.
     """
 
-    features: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor | StoredRows]
     labels: torch.Tensor
     num_classes: int
 
     @classmethod
     def from_store(cls, store: ActivationStore, keys: Sequence[str], paths: Sequence[str],
-                   labels: Sequence[int], num_classes: int) -> "TapData":
-        """Load taps ``keys`` for the images ``paths`` (any order) from ``store``."""
+                   labels: Sequence[int], num_classes: int, *, stream: bool = False) -> "TapData":
+        """Taps ``keys`` of the images ``paths`` (any order) in ``store``: loaded into memory,
+        or with ``stream=True`` read from the store minibatch by minibatch (:class:`StoredRows`)."""
         rows = store.index_of(paths)
-        features = {k: torch.from_numpy(store.get(k, rows)) for k in keys}
+        features = {k: StoredRows(store, k, rows) if stream else torch.from_numpy(store.get(k, rows))
+                    for k in keys}
         return cls(features, torch.as_tensor(list(labels), dtype=torch.long), num_classes)
 
     def __len__(self) -> int:
@@ -70,7 +117,7 @@ class TapData:
 
     def rows(self, index: torch.Tensor) -> "TapData":
         """The examples at ``index``."""
-        return TapData({k: v[index] for k, v in self.features.items()}, self.labels[index],
+        return TapData({k: _take(v, index) for k, v in self.features.items()}, self.labels[index],
                        self.num_classes)
 
     def holdout(self, fraction: float = 0.2, seed: int = 0) -> tuple["TapData", "TapData"]:

@@ -54,11 +54,12 @@ class MethodResult:
         return statistics.pstdev(self.test_accuracies) if self.test_accuracies else None
 
 
-def split_data(store: ActivationStore, task: Task, split: str, keys: Sequence[str]) -> TapData:
-    """Tap values and labels of one split of ``task``."""
+def split_data(store: ActivationStore, task: Task, split: str, keys: Sequence[str],
+               stream: bool = False) -> TapData:
+    """Tap values and labels of one split of ``task`` (``stream``: read batch by batch from the store)."""
     items = task.split(split)
     return TapData.from_store(store, keys, [str(i.path) for i in items], [i.label for i in items],
-                              len(task.classes))
+                              len(task.classes), stream=stream)
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -78,6 +79,7 @@ def run_protocol(
     grid: dict[str, list[Any]] | None = None,
     seeds: Sequence[int] = (0,),
     progress: bool = False,
+    stream: bool = False,
 ) -> MethodResult:
     """Tune on train/val when ``grid`` is given, then train on trainval per seed, test once.
 
@@ -86,11 +88,12 @@ def run_protocol(
     Grid keys name :class:`TrainConfig` fields (lr, weight_decay, ...) or fields
     of the method's config (e.g. MIST's gather depth); both kinds are searched
     together. During the search, ``fit`` also receives the val split, for
-    methods that select something on validation data.
+    methods that select something on validation data. ``stream`` leaves stored taps
+    on disk and reads each minibatch from the store (memory: one batch, not the split).
     """
     probe = build_method(method, config, backbone, len(task.classes))
     result = MethodResult(method, probe.config, train_config)
-    data = _SplitCache(store, task, backbone, progress)
+    data = _SplitCache(store, task, backbone, progress, stream)
     if grid:
         result.grid, result.train_config, result.config = _search(probe, data, train_config, grid, progress)
     for seed in seeds:
@@ -113,8 +116,9 @@ class _SplitCache:
     decoded once (train and val are taken from train+val's images when it holds them)."""
 
     def __init__(self, store: ActivationStore | None, task: Task,
-                 backbone: FrozenBackbone | dict[str, Any], progress: bool = False):
+                 backbone: FrozenBackbone | dict[str, Any], progress: bool = False, stream: bool = False):
         self.store, self.task, self.backbone, self.progress = store, task, backbone, progress
+        self.stream = stream
         self._loaded: dict[tuple[str, tuple[str, ...]], TapData] = {}
         self._images: dict[str, ImageData] = {}
 
@@ -126,7 +130,7 @@ class _SplitCache:
             raise FrozenlensError(f"method {method.name!r} reads stored taps, but no store was given")
         key = (split, tuple(method.tap_keys()))
         if key not in self._loaded:
-            self._loaded[key] = split_data(self.store, self.task, split, key[1])
+            self._loaded[key] = split_data(self.store, self.task, split, key[1], self.stream)
         return self._loaded[key]
 
     def images(self, split: str) -> ImageData:
