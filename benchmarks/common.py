@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from frozenlens.data import Task
+from frozenlens.data import Task, load_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -65,3 +65,13 @@ def limit_test(task: Task, limit: int) -> Task:
     step = len(test) / limit
     subset = [test[int(i * step)] for i in range(limit)]
     return dataclasses.replace(task, splits={**task.splits, "test": subset})
+
+
+def open_task(name: str, test_limit: int = 0) -> Task:
+    """Task ``name`` (a folder, or a name in ``../shared/data``) with at most ``test_limit`` test
+    images (:func:`limit_test`); exits with the reason when it is absent."""
+    folder = resolve_task(name)
+    if folder is None:
+        raise SystemExit(f"task {name!r} not found: give a task folder or the name of one in "
+                         f"{SHARED_DATA} (is ../shared absent?)")
+    return limit_test(load_task(folder), test_limit)

@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import RESULTS, command_line, limit_test, machine_context, machine_line, resolve_task
+from common import RESULTS, command_line, machine_context, machine_line, open_task
 from frozenlens.api import fit
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
-from frozenlens.data import load_task
 from frozenlens.report import markdown_table
 
 IN_LOOP = ["toast", "toast-lite", "toast:feedback=late", "full", "partial", "bitfit", "lora",
@@ -97,11 +96,7 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    task_dir = resolve_task(args.task)
-    if task_dir is None:
-        print(f"task {args.task!r} not found (a folder, or a name in ../shared/data)", file=sys.stderr)
-        return 2
-    task = limit_test(load_task(task_dir), args.test_limit)
+    task = open_task(args.task, args.test_limit)
     backbone = load_backbone(args.backbone, img_size=args.img_size, device=args.device)
     ctx = {**machine_context(), "task": task.name, "backbone": backbone.name, "image_size": backbone.image_size,
            "train_images": len(task.split("trainval")), "test_images": len(task.split("test")),

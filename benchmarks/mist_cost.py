@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import RESULTS, command_line, machine_context, machine_line, resolve_task
+from common import RESULTS, command_line, machine_context, machine_line, open_task
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
-from frozenlens.data import Task, load_task
+from frozenlens.data import Task
 from frozenlens.methods import build_method
 from frozenlens.methods.mist import gather_candidates, gather_taps
 from frozenlens.store import ActivationStore, extract
@@ -109,11 +108,7 @@ def markdown(result: dict[str, Any], ctx: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = resolve_task(args.task)
-    if folder is None:
-        print(f"task {args.task!r} not found (give a folder or a name in ../shared/data)", file=sys.stderr)
-        return 2
-    task = load_task(folder)
+    task = open_task(args.task)
     store = open_store(args, task)
     backbone = store.meta["backbone"]
     depth = backbone["depth"]

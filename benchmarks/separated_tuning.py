@@ -52,12 +52,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
-import numpy as np
 import torch
 
-from common import REPO_ROOT, RESULTS, command_line, machine_context, machine_line, resolve_task
+from common import REPO_ROOT, RESULTS, command_line, machine_context, machine_line, open_task
 from frozenlens.backbones import DEFAULT_BACKBONE
-from frozenlens.data import Task, load_task
+from frozenlens.data import Task
 from frozenlens.methods import build_method
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.serve.client import RemoteTaps
@@ -122,14 +121,20 @@ class ServerProcess:
                    str(img_size), "--port", str(self.port), "--token", token, *extra]
         if gather_k:
             command += ["--gather-k", ",".join(map(str, gather_k))]
+        self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody drains would stall the server when full
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        """What the server has printed so far."""
+        self.log.seek(0)
+        return self.log.read()
 
     def __enter__(self) -> "ServerProcess":
         deadline = time.monotonic() + 300
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.output()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
                     return self
@@ -145,6 +150,7 @@ class ServerProcess:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self.log.close()
 
     def info(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/v1/info", headers={"Authorization": f"Bearer {self.token}"}).json()
@@ -321,11 +327,7 @@ def served_parts(args: argparse.Namespace, task: Task, work: Path, server: Serve
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    task_root = resolve_task(args.task)
-    if task_root is None:
-        print(f"task {args.task!r} not found (../shared/data absent?); nothing to measure", file=sys.stderr)
-        return 2
-    task = load_task(task_root)
+    task = open_task(args.task)
     started, load_before = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="separated-tuning-") as scratch:
         work = Path(scratch)

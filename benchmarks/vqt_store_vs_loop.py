@@ -42,9 +42,9 @@ from typing import Any, Sequence
 
 import torch
 
-from common import RESULTS, command_line, limit_test, machine_context, machine_line, resolve_task
+from common import RESULTS, command_line, machine_context, machine_line, open_task
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, block_tap, load_backbone
-from frozenlens.data import Task, load_task
+from frozenlens.data import Task
 from frozenlens.methods import build_method
 from frozenlens.paths import cache_dir
 from frozenlens.store import ActivationStore, extract
@@ -304,11 +304,7 @@ def markdown(result: dict[str, Any], ctx: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    task_dir = resolve_task(args.task)
-    if task_dir is None:
-        print(f"task {args.task!r} not found (a folder, or a name in ../shared/data)", file=sys.stderr)
-        return 2
-    task = limit_test(load_task(task_dir), args.test_limit)
+    task = open_task(args.task, args.test_limit)
     backbone = load_backbone(args.backbone, device=args.device)
     depth = backbone.depth
     vqt = build_method("vqt", {"num_queries": args.num_queries}, backbone, len(task.classes))
