@@ -35,8 +35,8 @@ from frozenlens.api import fit
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.report import markdown_table
 
-IN_LOOP = ["toast", "toast-lite", "toast:feedback=late", "full", "partial", "bitfit", "lora",
-           "vpt-shallow", "vpt-deep", "adaptformer", "vqt+vpt", "vqt+adaptformer"]
+IN_LOOP = ["toast", "lora", "vpt-deep", "adaptformer", "full", "bitfit", "partial", "vpt-shallow",
+           "toast-lite", "toast:feedback=late", "vqt+vpt", "vqt+adaptformer"]
 REFERENCES = ["linear", "vqt"]
 
 

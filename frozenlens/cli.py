@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="The built-in demo: a VTAB-1k-style Fashion-MNIST task (1000 "
                           "training images) built from the Debian package dataset-fashion-mnist, the "
                           "offline DINOv2 ViT-S/14, every method with the VTAB grid.")
-    demo.add_argument("--n-test", type=int, default=500, help="test images (default: 500)")
+    demo.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
     demo.add_argument("--img-size", type=int, default=224, help="input size (default: 224)")
     demo.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="final-run seeds (default: 0,1,2)")
     demo.add_argument("--out", default="runs/demo", help="results folder (default: runs/demo)")

@@ -20,7 +20,7 @@ from frozenlens.methods.base import register
 from frozenlens.methods.layers import group_lasso
 from frozenlens.methods.linear import LinearHeadMethod
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig
+from frozenlens.train.trainer import TrainConfig, train
 
 
 @dataclass
@@ -86,4 +86,17 @@ class Head2Toe(LinearHeadMethod):
         self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)
         self._lasso_weight = None
         self.head.reset_parameters()
-        return losses + self.train_head(features, cfg, progress, f"{self.name} retrain")
+        kept = TapData({"features": features.features["features"][:, self.selected]}, features.labels,
+                       features.num_classes)   # the kept columns once, not gathered again every step
+        return losses + train(_Readout(self.head), kept, cfg, progress=progress, desc=f"{self.name} retrain")
+
+
+class _Readout(nn.Module):
+    """Training view of the retrained head: logits from the kept features alone."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(batch["features"])
