@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common import RESULTS, command_line, machine_context, machine_line, open_task
-from frozenlens.api import fit
+from frozenlens.api import MethodSpec, fit
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
+from frozenlens.methods import get_method
 from frozenlens.report import markdown_table
 
 IN_LOOP = ["toast", "lora", "vpt-deep", "adaptformer", "full", "bitfit", "partial", "vpt-shallow",
@@ -45,7 +46,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", default="cifar10", help="task folder or name in ../shared/data")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: 112)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of every method (default: 2)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of every in-loop method (default: 2)")
+    parser.add_argument("--reference-epochs", type=int, default=100,
+                        help="epochs of the store-trained references (default: 100, their recipe; "
+                             "they cost seconds per epoch)")
     parser.add_argument("--warmup-epochs", type=int, default=0,
                         help="warm-up epochs of every method (default: 0; the recipes' 10 are for 100 epochs)")
     parser.add_argument("--method", action="append", dest="methods", metavar="SPEC",
@@ -60,8 +64,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_method(spec: str, task, backbone, args: argparse.Namespace) -> dict[str, Any]:
-    """One method through ``frozenlens.fit`` with the short schedule; its result record."""
-    short = f"epochs={args.epochs},warmup_epochs={args.warmup_epochs},seeds={args.seed}"
+    """One method through ``frozenlens.fit`` (in-loop methods with the short schedule); its record."""
+    if get_method(MethodSpec.parse(spec).name).in_loop:
+        short = f"epochs={args.epochs},warmup_epochs={args.warmup_epochs},seeds={args.seed}"
+    else:
+        short = f"epochs={args.reference_epochs},seeds={args.seed}"
     full_spec = f"{spec},{short}" if ":" in spec else f"{spec}:{short}"
     started = time.perf_counter()
     report = fit(task, [full_spec], backbone=backbone, device=args.device, progress=True)
@@ -78,8 +85,9 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
         "",
         f"Task `{ctx['task']}` ({ctx['train_images']} training images, {ctx['test_images']} test images "
         f"evenly spaced through test.txt), backbone {ctx['backbone']} at {ctx['image_size']} px, "
-        f"{ctx['epochs']} epoch(s) with {ctx['warmup_epochs']} warm-up, seed {ctx['seed']}, no grid search; "
-        "each method otherwise with its own recipe (optimizer, lr, batch size, cosine schedule).",
+        f"in-loop methods {ctx['epochs']} epoch(s) with {ctx['warmup_epochs']} warm-up, store-trained "
+        f"references ({', '.join(REFERENCES)}) {ctx['reference_epochs']} epochs; seed {ctx['seed']}, no grid "
+        "search; each method otherwise with its own recipe (optimizer, lr, batch size, cosine schedule).",
         machine_line(ctx),
         "",
         f"Command: `{ctx['command']}`",
@@ -100,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbone = load_backbone(args.backbone, img_size=args.img_size, device=args.device)
     ctx = {**machine_context(), "task": task.name, "backbone": backbone.name, "image_size": backbone.image_size,
            "train_images": len(task.split("trainval")), "test_images": len(task.split("test")),
-           "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
+           "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+           "reference_epochs": args.reference_epochs, "seed": args.seed,
            "command": command_line(__file__)}
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
