@@ -46,12 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", default="cifar10", help="task folder or name in ../shared/data")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: 112)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of every in-loop method (default: 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of every in-loop method (default: 3)")
     parser.add_argument("--reference-epochs", type=int, default=100,
                         help="epochs of the store-trained references (default: 100, their recipe; "
                              "they cost seconds per epoch)")
-    parser.add_argument("--warmup-epochs", type=int, default=0,
-                        help="warm-up epochs of every method (default: 0; the recipes' 10 are for 100 epochs)")
+    parser.add_argument("--warmup-epochs", type=int, default=1,
+                        help="warm-up epochs of every in-loop method (default: 1; without one, the "
+                             "recipes' peak learning rates - SGD 0.25 for VPT - wreck the first steps)")
     parser.add_argument("--method", action="append", dest="methods", metavar="SPEC",
                         help="method spec, repeatable (default: the store references "
                              f"{', '.join(REFERENCES)}, then every in-loop method)")
