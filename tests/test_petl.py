@@ -58,12 +58,24 @@ def test_only_the_method_trains_and_the_backbone_gets_no_gradient(name, tiny_bac
     assert count_trainable(method) == sum(p.numel() for p in method.state_dict().values()) - _buffers(method)
     part = method.petl if name.startswith("vqt+") else method    # combinations: stage 1 trains the PETL part
     part.train()
+    with torch.no_grad():
+        part.head.weight.normal_()      # the head starts at zero, which would block every other gradient
     logits = part({"images": _images(tiny_backbone)})
     logits.sum().backward()
     assert all(p.grad is None for p in tiny_backbone.parameters())
     trained = [n for n, p in part.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert any(n.startswith("head.") for n in trained)
     assert len(trained) > 2 or name == "vpt-shallow"
+
+
+@pytest.mark.parametrize("name", PETL)
+def test_every_baseline_starts_with_a_zero_head(name, tiny_backbone):
+    """Equal logits at the start (loss log C), whatever the scale of the backbone's features."""
+    method = build_method(name, None, tiny_backbone, 3).eval()
+    part = method.petl if name.startswith("vqt+") else method
+    with torch.no_grad():
+        logits = part({"images": _images(tiny_backbone)})
+    assert torch.count_nonzero(logits) == 0
 
 
 def _buffers(method) -> int:

@@ -47,6 +47,13 @@ def init_kaiming_head(linear: nn.Linear) -> None:
     nn.init.zeros_(linear.bias)
 
 
+def init_zero_head(linear: nn.Linear) -> None:
+    """Zero weights and bias: every class starts at the same logit (loss log C), whatever the
+    scale of the features the head reads."""
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+
+
 def patch_area(backbone: dict[str, Any]) -> int:
     """Pixels per patch, from the input size and the patch grid (16 x 16 when unknown)."""
     size = backbone.get("data_config", {}).get("input_size", [None])[-1]

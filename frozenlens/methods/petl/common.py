@@ -4,7 +4,8 @@ A baseline describes how it changes the frozen backbone as
 :class:`~frozenlens.backbones.hooks.Edits` (:meth:`InLoopMethod.edits`); the
 shared forward runs the backbone's edited view on the images and a linear head
 reads the final normed class token (the mean patch token for backbones without
-one), as VPT and the PETL papers that follow it do.
+one), as VPT and the PETL papers that follow it do. The head starts at zero
+(docs/methods/petl.md says why).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from frozenlens.backbones.hooks import Edits, forward_edited
 from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method
-from frozenlens.methods.layers import init_kaiming_head
+from frozenlens.methods.layers import init_zero_head
 from frozenlens.train.images import IMAGES_KEY
 from frozenlens.train.trainer import TrainConfig
 
@@ -48,7 +49,7 @@ class InLoopMethod(Method):
     def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
         super().__init__(config, backbone, num_classes)
         self.head = nn.Linear(backbone["dim"], num_classes)
-        init_kaiming_head(self.head)
+        init_zero_head(self.head)
 
     @classmethod
     def taps(cls, config: Any, backbone: dict[str, Any]) -> list[Tap]:
@@ -79,8 +80,8 @@ class InLoopMethod(Method):
         self.init_trainable()
 
     def init_trainable(self) -> None:
-        """Initialise the method's own modules (subclasses extend it); the head as VPT's."""
-        init_kaiming_head(self.head)
+        """Initialise the method's own modules (subclasses extend it); the head at zero."""
+        init_zero_head(self.head)
 
 
 @contextlib.contextmanager

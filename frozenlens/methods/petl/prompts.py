@@ -7,6 +7,10 @@ they then flow through the network like any token. Deep: every block gets its
 own prompts, replacing the previous block's outputs at the prompt positions.
 The patch tokens keep their count and order. The head reads the final normed
 class token.
+
+Training follows the VQT paper's VPT runs (Adam-style optimiser, the shared
+PETL recipe and grid), not VPT's own SGD recipe, whose learning rates diverge
+on DINOv2's features: docs/methods/petl.md has the measurements.
 """
 
 from __future__ import annotations
@@ -22,12 +26,7 @@ from frozenlens.backbones.hooks import Edits
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import register
 from frozenlens.methods.layers import patch_area
-from frozenlens.methods.petl.common import BATCH, WEIGHT_DECAYS, InLoopMethod
-from frozenlens.train.trainer import TrainConfig
-
-VPT_LRS = tuple(lr / 256 * BATCH for lr in (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05))
-"""VPT's prompt learning rates (for a batch of 256, SGD), scaled to batch 64 as its VTAB script does."""
-
+from frozenlens.methods.petl.common import InLoopMethod
 
 @dataclass
 class VPTConfig:
@@ -48,9 +47,6 @@ class VPT(InLoopMethod):
 
     config_class = VPTConfig
     deep: bool = False
-    train_defaults = TrainConfig(optimizer="sgd", lr=1.0 / 256 * BATCH, momentum=0.9, weight_decay=1e-4,
-                                 epochs=100, warmup_epochs=10, batch_size=BATCH)
-    grid = {"lr": list(VPT_LRS), "weight_decay": list(WEIGHT_DECAYS)}
 
     def __init__(self, config: VPTConfig, backbone: dict[str, Any], num_classes: int):
         if config.num_prompts < 1 or not 0 <= config.dropout < 1:
