@@ -97,6 +97,19 @@ def test_training_from_store_equals_training_in_the_loop(tiny_task, tiny_backbon
                                atol=1e-4, rtol=1e-4)
 
 
+def test_low_memory_fit_holds_no_normed_copy_and_trains_the_same_model(tiny_task, tiny_backbone, monkeypatch):
+    from frozenlens.api import fit
+    from frozenlens.methods.vqt import VQT
+
+    in_memory = fit(tiny_task, ["vqt:epochs=2"], backbone=tiny_backbone, progress=False)
+    monkeypatch.setattr(VQT, "normed_inputs", lambda *a, **k: pytest.fail("normed copy built from streamed taps"))
+    streamed = fit(tiny_task, ["vqt:epochs=2"], backbone=tiny_backbone, low_memory=True, progress=False)
+    (held, lean) = (next(iter(r.results.values())) for r in (in_memory, streamed))
+    assert held.test_accuracies == lean.test_accuracies
+    for key, value in held.model.state_dict().items():   # norm1 rounded to float16 once vs not at all
+        torch.testing.assert_close(value, lean.model.state_dict()[key], rtol=1e-3, atol=1e-3)
+
+
 def test_only_queries_and_head_train(tiny_task, tiny_backbone):
     method = build_method("vqt", {"aggregate": "weighted_sum"}, tiny_backbone, 3)
     task, store = _vqt_store(tiny_task, tiny_backbone, method, dtype="float16")

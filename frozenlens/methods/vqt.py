@@ -15,7 +15,8 @@ penalty ranks the features, and a fresh head is trained on the top
 Blocks are independent given their inputs, so all of them train at once from
 the stored inputs of every block (``embed:tokens``, ``block.{i}:tokens``). A
 fit first computes ``norm1`` of those inputs once (it depends on nothing
-learned) and then trains on that. ``docs/methods/vqt.md`` has the defaults,
+learned) and then trains on that; with streamed taps (``--low-memory``) it
+applies ``norm1`` per minibatch instead, holding no copy. ``docs/methods/vqt.md`` has the defaults,
 the measured costs and where this differs from the paper.
 """
 
@@ -178,10 +179,12 @@ class VQT(Method):
 
         ``data`` is a :class:`TapData` (from the store: ``norm1`` of every block input
         is computed once, then every epoch reads it) or any source with the same
-        ``batches`` interface, e.g. :class:`frozenlens.train.live.LiveTaps`.
+        ``batches`` interface, e.g. :class:`frozenlens.train.live.LiveTaps`. Streamed
+        tap data (``TapData.streamed``) stays on disk: ``norm1`` is then applied per
+        minibatch, as in the backbone, instead of to an in-memory copy of every input.
         """
         self.reset_trainable(cfg.seed)
-        if isinstance(data, TapData):
+        if isinstance(data, TapData) and not data.streamed:
             source, model = self.normed_inputs(data), _NormedInputs(self)
         else:
             source, model = data, self

@@ -111,6 +111,11 @@ class TapData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def streamed(self) -> bool:
+        """True when some tap stays in the store until a minibatch reads it."""
+        return any(isinstance(v, StoredRows) for v in self.features.values())
+
     def float_features(self) -> dict[str, torch.Tensor]:
         """Every feature as float32 (a copy when stored in lower precision)."""
         return {k: v.float() for k, v in self.features.items()}
