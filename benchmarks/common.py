@@ -75,3 +75,11 @@ def open_task(name: str, test_limit: int = 0) -> Task:
         raise SystemExit(f"task {name!r} not found: give a task folder or the name of one in "
                          f"{SHARED_DATA} (is ../shared absent?)")
     return limit_test(load_task(folder), test_limit)
+
+
+def records_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table with one column per key of the first record and one row per record."""
+    keys = list(records[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in records]
+    return "\n".join(lines)
