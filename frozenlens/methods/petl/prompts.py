@@ -9,8 +9,8 @@ The patch tokens keep their count and order. The head reads the final normed
 class token.
 
 Training follows the VQT paper's VPT runs (Adam-style optimiser, the shared
-PETL recipe and grid), not VPT's own SGD recipe, whose learning rates diverge
-on DINOv2's features: docs/methods/petl.md has the measurements.
+PETL recipe and grid), not VPT's own SGD recipe, most of whose learning rates
+diverge on DINOv2's features: docs/methods/petl.md has the measurements.
 """
 
 from __future__ import annotations
