@@ -16,7 +16,7 @@ Run from the repository root::
 
     FROZENLENS_CACHE=/tmp/flcache .venv/bin/python benchmarks/vpt_recipes.py
 
-Writes ``vpt_recipes.{json,md}`` into ``--out``.
+Writes ``vpt_recipes_<method>.{json,md}`` (e.g. ``vpt_recipes_vpt_shallow.md``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -145,13 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
            "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
            "command": command_line(__file__)}
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, stem = [], f"vpt_recipes_{args.method.replace('-', '_')}"
     for recipe in RECIPES:
         print(f"== {recipe.label}", flush=True)
         records.append(run_recipe(recipe, backbone, train_data, test_data, args))
-        (args.out / "vpt_recipes.json").write_text(json.dumps({"context": ctx, "results": records},
+        (args.out / f"{stem}.json").write_text(json.dumps({"context": ctx, "results": records},
                                                               indent=2) + "\n")
-        (args.out / "vpt_recipes.md").write_text(markdown(records, ctx))
+        (args.out / f"{stem}.md").write_text(markdown(records, ctx))
     print(markdown(records, ctx))
     return 0
 
