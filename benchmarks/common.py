@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -83,3 +84,12 @@ def records_table(records: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in records]
     return "\n".join(lines)
+
+
+def save_results(out: Path, stem: str, ctx: dict[str, Any], records: list[dict[str, Any]],
+                 markdown: str) -> None:
+    """Write ``{stem}.json`` (context and records) and ``{stem}.md`` into ``out``; benchmarks
+    call it after every record, so an interrupted run keeps what finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"context": ctx, "results": records}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)

@@ -24,13 +24,12 @@ Writes ``inloop_accuracy.{json,md}`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import RESULTS, command_line, machine_context, machine_line, open_task
+from common import RESULTS, command_line, machine_context, machine_line, open_task, save_results
 from frozenlens.api import MethodSpec, fit
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.methods import get_method
@@ -112,14 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
            "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
            "reference_epochs": args.reference_epochs, "seed": args.seed,
            "command": command_line(__file__)}
-    args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     for spec in args.methods or REFERENCES + IN_LOOP:
         print(f"== {spec}", flush=True)
         records.append(run_method(spec, task, backbone, args))
-        (args.out / "inloop_accuracy.json").write_text(json.dumps({"context": ctx, "results": records},
-                                                                  indent=2) + "\n")
-        (args.out / "inloop_accuracy.md").write_text(markdown(records, ctx))
+        save_results(args.out, "inloop_accuracy", ctx, records, markdown(records, ctx))
     print(markdown(records, ctx))
     return 0
 

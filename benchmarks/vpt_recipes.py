@@ -22,7 +22,6 @@ Writes ``vpt_recipes_<method>.{json,md}`` (e.g. ``vpt_recipes_vpt_shallow.md``) 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch.nn import functional as F
 
-from common import RESULTS, command_line, machine_context, machine_line, open_task, records_table
+from common import (RESULTS, command_line, machine_context, machine_line, open_task, records_table,
+                    save_results)
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.methods import build_method
 from frozenlens.methods.layers import init_kaiming_head
@@ -144,14 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
            "image_size": backbone.image_size, "train_images": len(train_data), "test_images": len(test_data),
            "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
            "command": command_line(__file__)}
-    args.out.mkdir(parents=True, exist_ok=True)
     records, stem = [], f"vpt_recipes_{args.method.replace('-', '_')}"
     for recipe in RECIPES:
         print(f"== {recipe.label}", flush=True)
         records.append(run_recipe(recipe, backbone, train_data, test_data, args))
-        (args.out / f"{stem}.json").write_text(json.dumps({"context": ctx, "results": records},
-                                                              indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(records, ctx))
+        save_results(args.out, stem, ctx, records, markdown(records, ctx))
     print(markdown(records, ctx))
     return 0
 
