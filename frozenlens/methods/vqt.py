@@ -16,8 +16,8 @@ Blocks are independent given their inputs, so all of them train at once from
 the stored inputs of every block (``embed:tokens``, ``block.{i}:tokens``). A
 fit first computes ``norm1`` of those inputs once (it depends on nothing
 learned) and then trains on that; with streamed taps (``--low-memory``) it
-applies ``norm1`` per minibatch instead, holding no copy. ``docs/methods/vqt.md`` has the defaults,
-the measured costs and where this differs from the paper.
+applies ``norm1`` per minibatch instead, holding no copy. ``docs/methods/vqt.md``
+has the defaults, the measured costs and where this differs from the paper.
 """
 
 from __future__ import annotations

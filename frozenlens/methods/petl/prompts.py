@@ -28,6 +28,7 @@ from frozenlens.methods.base import register
 from frozenlens.methods.layers import patch_area
 from frozenlens.methods.petl.common import InLoopMethod
 
+
 @dataclass
 class VPTConfig:
     """Prompt settings.
