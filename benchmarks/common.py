@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
+from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import Task, load_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +96,24 @@ def save_results(out: Path, stem: str, ctx: dict[str, Any], records: list[dict[s
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"context": ctx, "results": records}, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown)
+
+
+def small_run_parser(doc: str) -> argparse.ArgumentParser:
+    """Options of the small accuracy runs on a shared task: task, backbone, input size,
+    test limit, seed, device and output folder (each benchmark adds its own)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--task", default="cifar10", help="task folder or name in ../shared/data")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: 112)")
+    parser.add_argument("--test-limit", type=int, default=500,
+                        help="test images, evenly spaced through test.txt (default: 500; 0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def open_small_run(args: argparse.Namespace) -> tuple[Task, FrozenBackbone]:
+    """The task (test split limited) and the backbone that ``small_run_parser``'s options name."""
+    task = open_task(args.task, args.test_limit)
+    return task, load_backbone(args.backbone, img_size=args.img_size, device=args.device)

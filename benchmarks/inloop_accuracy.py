@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
-from common import RESULTS, command_line, machine_context, machine_line, open_task, save_results
+from common import command_line, machine_context, machine_line, open_small_run, save_results, small_run_parser
 from frozenlens.api import MethodSpec, fit
-from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.methods import get_method
 from frozenlens.report import markdown_table
 
@@ -41,10 +39,7 @@ REFERENCES = ["linear", "vqt"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="cifar10", help="task folder or name in ../shared/data")
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: 112)")
+    parser = small_run_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every in-loop method (default: 3)")
     parser.add_argument("--reference-epochs", type=int, default=100,
                         help="epochs of the store-trained references (default: 100, their recipe; "
@@ -55,11 +50,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", action="append", dest="methods", metavar="SPEC",
                         help="method spec, repeatable (default: the store references "
                              f"{', '.join(REFERENCES)}, then every in-loop method)")
-    parser.add_argument("--test-limit", type=int, default=500,
-                        help="test images, evenly spaced through test.txt (default: 500; 0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -104,8 +94,7 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    task = open_task(args.task, args.test_limit)
-    backbone = load_backbone(args.backbone, img_size=args.img_size, device=args.device)
+    task, backbone = open_small_run(args)
     ctx = {**machine_context(), "task": task.name, "backbone": backbone.name, "image_size": backbone.image_size,
            "train_images": len(task.split("trainval")), "test_images": len(task.split("test")),
            "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,

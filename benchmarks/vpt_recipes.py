@@ -25,15 +25,13 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch.nn import functional as F
 
-from common import (RESULTS, command_line, machine_context, machine_line, open_task, records_table,
-                    save_results)
-from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
+from common import (command_line, machine_context, machine_line, open_small_run, records_table, save_results,
+                    small_run_parser)
 from frozenlens.methods import build_method
 from frozenlens.methods.layers import init_kaiming_head
 from frozenlens.methods.petl.common import BATCH
@@ -65,19 +63,11 @@ RECIPES = [
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="cifar10", help="task folder or name in ../shared/data")
+    parser = small_run_parser(__doc__)
     parser.add_argument("--method", default="vpt-shallow", choices=["vpt-shallow", "vpt-deep"])
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default: 112)")
     parser.add_argument("--train-images", type=int, default=384, help="first N of train800 (default: 384)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--warmup-epochs", type=int, default=1)
-    parser.add_argument("--test-limit", type=int, default=500,
-                        help="test images, evenly spaced through test.txt (default: 500; 0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 
@@ -135,8 +125,7 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    task = open_task(args.task, args.test_limit)
-    backbone = load_backbone(args.backbone, img_size=args.img_size, device=args.device)
+    task, backbone = open_small_run(args)
     train_data = ImageData.from_task(task, "train", backbone)
     train_data = train_data.rows(torch.arange(min(args.train_images, len(train_data))))
     test_data = ImageData.from_task(task, "test", backbone)
