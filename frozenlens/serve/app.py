@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-from dataclasses import asdict, dataclass
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 import numpy as np
@@ -29,6 +31,7 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from frozenlens import __version__
@@ -207,7 +210,11 @@ def _add_routes(app: FastAPI, state: _ServerState, check: Callable[..., Awaitabl
 async def _features(request: Request, state: _ServerState) -> Response:
     if state.closing:
         raise RequestError(503, "the server is shutting down; retry later")
-    body = _parse_body(await request.body(), request.headers.get("content-type", ""))
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client left (or was cut off by a read deadline): nobody to answer
+        raise RequestError(400, "the client disconnected before sending the whole body") from None
+    body = _parse_body(raw, request.headers.get("content-type", ""))
     codec = get_codec(body.codec)
     taps = state.engine.resolve(body.features)
     count = len(body.images)
@@ -235,13 +242,23 @@ def _parse_body(raw: bytes, content_type: str) -> FeatureRequest:
                                 "application/json (see GET /openapi.json)")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RequestError(400, f"the body is not valid JSON ({err})") from None
+    except (ValueError, UnicodeDecodeError) as err:  # also the 4300-digit cap on integers
+        raise RequestError(400, f"the body is not valid JSON ({_clip(str(err))})") from None
+    except RecursionError:
+        raise RequestError(400, "the body is not valid JSON for this server: nested too deeply "
+                                "(the request is a flat object of lists of strings)") from None
     try:
         return FeatureRequest.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
-        raise RequestError(422, f"malformed request: {problems}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                             for e in err.errors(include_input=False, include_url=False)[:5])
+        raise RequestError(422, f"malformed request: {_clip(problems)}") from None
+    except RecursionError:
+        raise RequestError(400, "the request is nested too deeply") from None
+
+
+def _clip(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 async def _request_error_response(request: Request, err: Exception) -> JSONResponse:
@@ -249,7 +266,9 @@ async def _request_error_response(request: Request, err: Exception) -> JSONRespo
     headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"detail": str(err)}, status_code=err.status, headers=headers)
+    # a detail may quote the request (a feature name); lone surrogates cannot be encoded as UTF-8
+    detail = str(err).encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"detail": detail}, status_code=err.status, headers=headers)
 
 
 class BodySizeLimit:
@@ -286,3 +305,209 @@ class BodySizeLimit:
     def _message(self, size: str) -> str:
         return (f"request body of {size} bytes; this server accepts at most {self.max_bytes} bytes "
                 "(send fewer or smaller images per request)")
+
+
+# -- running the app: uvicorn with connection limits ----------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConnectionLimits:
+    """What one client may hold open before sending a whole request (``frozenlens serve`` flags).
+
+    uvicorn has no header or body read timeout and no cap on open connections of
+    its own (``limit_concurrency`` answers 503 to *complete* requests, so it does
+    nothing against connections that never finish their headers), so the server
+    runs uvicorn's h11 protocol with a guard (:func:`guarded_protocol`):
+
+    Attributes:
+        header_timeout_s: a connection must deliver a request's complete headers within
+            this many seconds of connecting (or of its previous response); else it is closed.
+        body_timeout_s: once the headers are in, the whole body must arrive within this
+            many seconds; else the connection is closed.
+        max_connections: open connections, all clients together. At the cap a new
+            connection closes the oldest one the server is still *waiting on* (idle,
+            or sending headers or a body); when every connection is being answered,
+            the new one is closed instead. Every closing is logged.
+        keep_alive_s: uvicorn's ``timeout_keep_alive``: an idle connection between requests
+            is closed after this many seconds.
+        max_header_bytes: uvicorn's ``h11_max_incomplete_event_size``: request line plus
+            headers beyond this get a 400 and the connection is closed.
+    """
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 512
+    keep_alive_s: int = 5
+    max_header_bytes: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise FrozenlensError(f"connection limit {name}={value}: must be positive")
+
+
+class _RateLimitedLog:
+    """Logs a refusal at most once per ``every_s`` seconds, with the count of those it held back."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s, self.last, self.held = every_s, float("-inf"), 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.held += 1
+            return
+        extra = f" (and {self.held} more like it in the last {now - self.last:.0f} s)" if self.held else ""
+        self.last, self.held = now, 0
+        log.warning(message + extra, *args)
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type:
+    """uvicorn's h11 protocol with header/body read deadlines and a connection cap.
+
+    Each server gets its own subclass (the registry of connections it is waiting
+    on is a class attribute), passed to uvicorn as ``http=``.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    refusals = _RateLimitedLog()
+
+    class GuardedH11Protocol(H11Protocol):
+        waiting: dict[GuardedH11Protocol, float] = {}  # connections waiting on their client, oldest first
+        stats = {"evicted": 0, "refused": 0, "header_timeouts": 0, "body_timeouts": 0}
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline: Any = None
+            self._expect_body = False
+            self._await_client()
+            if len(self.connections) > limits.max_connections:
+                self._make_room()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            self.waiting.pop(self, None)
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            cycle = self.cycle
+            if cycle is not None and cycle is not before and not cycle.response_complete:
+                # new request headers are in: the header deadline is met
+                self._disarm()
+                self._expect_body = cycle.more_body
+                if cycle.more_body:
+                    self._arm(limits.body_timeout_s, self._body_timeout)
+                else:
+                    self.waiting.pop(self, None)
+            elif self._expect_body and cycle is not None and not cycle.more_body:
+                self._expect_body = False
+                self._disarm()
+                self.waiting.pop(self, None)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._expect_body = False
+                self._await_client()  # the next request's headers are due within the header timeout
+
+        # -- helpers ----------------------------------------------------------------------
+        def _await_client(self) -> None:
+            self.waiting.pop(self, None)
+            self.waiting[self] = time.monotonic()
+            self._disarm()
+            self._arm(limits.header_timeout_s, self._header_timeout)
+
+        def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+            self._deadline = self.loop.call_later(delay, callback)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _peer(self) -> str:
+            return "%s:%d" % self.client if self.client else "unknown client"
+
+        def _header_timeout(self) -> None:
+            self.stats["header_timeouts"] += 1
+            refusals.warning("closed connection from %s: no complete request headers within %.1f s",
+                             self._peer(), limits.header_timeout_s)
+            self._close()
+
+        def _body_timeout(self) -> None:
+            self.stats["body_timeouts"] += 1
+            refusals.warning("closed connection from %s: request body not complete within %.1f s",
+                             self._peer(), limits.body_timeout_s)
+            self._close()
+
+        def _make_room(self) -> None:
+            oldest = next((c for c in self.waiting if c is not self and not c.transport.is_closing()), None)
+            if oldest is not None:
+                self.stats["evicted"] += 1
+                refusals.warning("%d connections open (limit %d): closed the oldest one still waiting on "
+                                 "its client (%s)", len(self.connections), limits.max_connections,
+                                 oldest._peer())
+                oldest._close()
+            else:
+                self.stats["refused"] += 1
+                refusals.warning("%d connections open (limit %d), all being answered: refused %s",
+                                 len(self.connections), limits.max_connections, self._peer())
+                self._close()
+
+        def _close(self) -> None:
+            self._disarm()
+            self.waiting.pop(self, None)
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def usable_connection_cap(limits: ConnectionLimits, reserve: int = 64) -> ConnectionLimits:
+    """``limits`` with ``max_connections`` lowered (and a warning) to fit the open-file limit.
+
+    Each connection is a file descriptor; past ``RLIMIT_NOFILE`` the server could
+    not accept anyone, which is the failure the cap exists to prevent.
+    """
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return limits
+    if soft == resource.RLIM_INFINITY or limits.max_connections + reserve <= soft:
+        return limits
+    cap = max(1, soft - reserve)
+    log.warning("max_connections=%d does not fit the open-file limit %d (ulimit -n); using %d",
+                limits.max_connections, soft, cap)
+    return replace(limits, max_connections=cap)
+
+
+def uvicorn_config(app: Any, *, host: str, port: int, connections: ConnectionLimits | None = None,
+                   log_level: str = "info", graceful_shutdown_s: int = 30) -> Any:
+    """The ``uvicorn.Config`` the feature server runs with (see :class:`ConnectionLimits`)."""
+    import uvicorn
+
+    connections = usable_connection_cap(connections or ConnectionLimits())
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s,
+        http=guarded_protocol(connections),
+        timeout_keep_alive=connections.keep_alive_s,
+        h11_max_incomplete_event_size=connections.max_header_bytes,
+        # a backstop only: the guard keeps connections at or below the cap, so this answers 503
+        # only when requests whose clients already left still hold the backbone
+        limit_concurrency=connections.max_connections + 32,
+    )
+
+
+def serve(app: Any, *, host: str, port: int, connections: ConnectionLimits | None = None,
+          log_level: str = "info") -> None:
+    """Run the app with uvicorn until Ctrl-C / SIGTERM, with the connection guard."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, connections=connections,
+                                  log_level=log_level)).run()

@@ -21,12 +21,17 @@ from PIL import Image
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
-from frozenlens.data.images import to_rgb
-from frozenlens.errors import FrozenlensError
+from frozenlens.data.images import open_raster, to_rgb
+from frozenlens.errors import FrozenlensError, ImageError
 from frozenlens.serve.codecs import CODECS, WIRE_FORMAT
 
 DEFAULT_TAPS = ("final:cls", "final:patch_mean")
 """Declared taps a server offers besides MIST's gathers, unless told otherwise."""
+
+MAX_FEATURE_NAME = 64
+"""Longest feature name a request may carry (served names are like ``gather.12:tokens``)."""
+MAX_FEATURES = 32
+"""Most feature names in one request."""
 
 
 class RequestError(FrozenlensError):
@@ -108,14 +113,20 @@ class FeatureEngine:
         """The served taps named ``names``; a 422 :class:`RequestError` for anything else."""
         if not names:
             raise RequestError(422, "ask for at least one feature, e.g. \"features\": [\"final:cls\"]")
+        if len(names) > MAX_FEATURES:
+            raise RequestError(422, f"{len(names)} features asked for; at most {MAX_FEATURES} per request")
         taps = []
         for name in names:
+            if len(name) > MAX_FEATURE_NAME:  # also keeps int() off a 5000-digit gather depth
+                raise RequestError(422, f"feature name of {len(name)} characters ({name[:40]!r}...); served "
+                                        f"names are short, e.g. 'gather.8:tokens' (GET /v1/info lists them)")
             try:
                 tap = Tap.parse(name)
-            except FrozenlensError as err:
+                refusal = None if tap.key in self.served else self._not_served(tap)
+            except (FrozenlensError, ValueError) as err:
                 raise RequestError(422, f"feature {name!r}: {err}") from None
-            if tap.key not in self.served:
-                raise RequestError(422, self._not_served(tap))
+            if refusal is not None:
+                raise RequestError(422, refusal)
             taps.append(tap)
         return tuple(dict.fromkeys(taps))
 
@@ -138,17 +149,38 @@ class FeatureEngine:
         return torch.stack(tensors)
 
     # -- computing ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights are (inputs are moved there; results come back on CPU)."""
+        return module_device(self.backbone)
+
     @torch.inference_mode()
     def run(self, jobs: Sequence[Job]) -> list[dict[str, np.ndarray]]:
-        """One backbone pass for all ``jobs``; each gets its own taps as float32 arrays."""
+        """One backbone pass for all ``jobs``; each gets its own taps as float32 arrays.
+
+        The decoded images (CPU tensors) are moved to the backbone's device, and
+        every result is brought back to the CPU before it becomes a NumPy array,
+        so a CUDA backbone serves exactly like a CPU one.
+        """
         taps = sorted({tap for job in jobs for tap in job.taps})
-        values = self.backbone.forward_taps(torch.cat([job.images for job in jobs]), taps)
+        batch = torch.cat([job.images for job in jobs]).to(self.device, non_blocking=False)
+        values = self.backbone.forward_taps(batch, taps)
+        host = {t.key: values[t.key].float().cpu() for t in taps}
         results, start = [], 0
         for job in jobs:
             stop = start + len(job)
-            results.append({t.key: values[t.key][start:stop].float().numpy() for t in job.taps})
+            results.append({t.key: host[t.key][start:stop].numpy() for t in job.taps})
             start = stop
         return results
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module without either)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def decode_image(text: str, index: int, max_pixels: int) -> Image.Image:
@@ -158,7 +190,7 @@ def decode_image(text: str, index: int, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise RequestError(400, f"images[{index}] is not valid base64") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_raster(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise RequestError(413, f"images[{index}] is {width}x{height} = {width * height} pixels; "
@@ -167,6 +199,8 @@ def decode_image(text: str, index: int, max_pixels: int) -> Image.Image:
             return to_rgb(image)
     except RequestError:
         raise
+    except ImageError as err:  # not an allowed raster format: never handed to another plugin
+        raise RequestError(400, f"images[{index}] cannot be decoded: {err}") from None
     except Image.DecompressionBombError as err:
         raise RequestError(413, f"images[{index}] is too large to decode safely ({err})") from None
     except Exception as err:  # Pillow raises many types for undecodable data
