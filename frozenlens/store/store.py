@@ -3,26 +3,33 @@
 Layout of one store (``<cache>/stores/<key>/``)::
 
     meta.json            what the store holds: backbone identity, taps, shapes, dtype, images
-    shards/000000/       one folder per block of images, one ``.npy`` per tap
+    shards/000000/       one folder per block of images: one ``.npy`` per tap + manifest.json
     shards/000001/ ...
+    locks/               one lock file per shard and one for the store (``fcntl.flock``)
+    quarantine/          damaged shards, set aside (see :func:`verify_store`)
     complete.json        written last: the store is whole
 
 The key hashes the backbone weights, its preprocessing, the taps, the dtype and
 the image files (paths and contents); taps computed elsewhere (a feature server,
 see :class:`TapSource`) add their origin, e.g. ``remote:int8``, so they never mix
-with locally computed ones. A shard folder is written under a
-temporary name and renamed into place, so a folder named ``shards/NNNNNN`` is
-always complete; an interrupted extraction resumes at the first missing shard
-and never recomputes a finished one. Arrays are plain ``.npy`` (loaded with
-``allow_pickle=False``) plus JSON: nothing in a store can execute code.
+with locally computed ones. A shard is written by the one process holding its
+lock, under a temporary name of its own, and renamed into place, so a folder
+named ``shards/NNNNNN`` is always complete and is never replaced. Several
+processes may extract the same store at once: they share the shards out, and
+each waits for the shards the others are writing. An interrupted extraction
+resumes at the missing shards and never recomputes a finished one. Every shard
+has a manifest (shape, dtype, size, BLAKE2b hash per file) that opening a store
+checks cheaply and :func:`verify_store` checks in full. Arrays are plain ``.npy``
+(loaded with ``allow_pickle=False``) plus JSON: nothing in a store can execute code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import logging
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
@@ -31,14 +38,34 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from frozenlens.atomic import write_json
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.errors import StoreError
 from frozenlens.paths import cache_dir, ensure_dir
+from frozenlens.store.fingerprint import images_fingerprint
+from frozenlens.store.locks import file_lock, shard_lock_file, store_lock_file
+from frozenlens.store.shards import (
+    COMPLETE,
+    QUARANTINE,
+    clean_stale_temps,
+    published_shards,
+    quarantine_shard,
+    shard_dir,
+    shard_problem,
+    shard_rows,
+    tap_file,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 _SHARD_BYTES = 256 * 2**20
 _DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
+
+__all__ = ["ActivationStore", "TapSource", "extract", "find_store", "images_fingerprint",
+           "read_meta", "store_root", "verify_store"]
 
 
 def store_root() -> Path:
@@ -46,21 +73,8 @@ def store_root() -> Path:
     return cache_dir() / "stores"
 
 
-def _tap_file(key: str) -> str:
-    return key.replace(":", "__") + ".npy"
-
-
 def _hash_json(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def images_fingerprint(paths: Sequence[Path]) -> str:
-    """SHA-256 over the ordered list of image paths and their file contents."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path).encode() + b"\0")
-        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    return digest.hexdigest()
 
 
 @runtime_checkable
@@ -113,19 +127,31 @@ class _Plan:
 
 
 class ActivationStore:
-    """Read access to a complete store; arrays are memory-mapped, shard by shard."""
+    """Read access to a complete store; arrays are memory-mapped, shard by shard.
 
-    def __init__(self, path: Path):
+    Opening a store checks every shard file's size, ``.npy`` header and shape
+    (cheap: no data is read); ``verify=True`` also compares every file's hash
+    with the manifest written with the shard and looks for NaN/inf values. A
+    damaged shard is moved to ``quarantine/``, the store is marked incomplete and
+    :class:`StoreError` names the shard and file: running the same extraction
+    again re-extracts that shard alone.
+    """
+
+    def __init__(self, path: Path | str, *, verify: bool = False):
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.is_file():
-            raise StoreError(f"{self.path}: not an activation store (no meta.json)")
-        self.meta = json.loads(meta_file.read_text())
-        if not (self.path / "complete.json").is_file():
-            done = len(_done_shards(self.path))
+        self.meta = read_meta(self.path / "meta.json")
+        if not (self.path / COMPLETE).is_file():
+            done = len(published_shards(self.path))
             raise StoreError(
                 f"{self.path}: extraction incomplete ({done}/{self.meta['num_shards']} shards); "
                 "run the same extraction again to resume it"
+            )
+        problems = _repair(self.path, self.meta, full=verify)
+        if problems:
+            raise StoreError(
+                f"{self.path}: damaged activation store: {'; '.join(problems)}. The store is "
+                "marked incomplete: run the same extraction again to re-extract only the "
+                "damaged shard(s)"
             )
 
     @property
@@ -198,28 +224,131 @@ class ActivationStore:
         return key
 
     def _map(self, key: str, shard: int) -> np.ndarray:
-        file = self.path / "shards" / f"{shard:06d}" / _tap_file(key)
-        return np.load(file, mmap_mode="r", allow_pickle=False)
+        file = shard_dir(self.path, shard) / tap_file(key)
+        try:
+            return np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{file}: cannot read this shard file ({err}); check the store with "
+                             "frozenlens.store.verify_store or `frozenlens extract --verify`") from err
 
 
-def _done_shards(path: Path) -> set[int]:
-    shards = path / "shards"
-    if not shards.is_dir():
-        return set()
-    return {int(p.name) for p in shards.iterdir() if p.is_dir() and p.name.isdigit()}
+_META_FIELDS = {"taps": list, "shapes": dict, "dtype": str, "num_images": int, "shard_size": int,
+                "num_shards": int, "images": list, "base_key": str}
 
 
-def find_store(root: Path, base_key: str, taps: Iterable[str]) -> ActivationStore | None:
-    """A complete store under ``root`` with the same backbone/images/dtype holding all ``taps``."""
+def read_meta(meta_file: Path) -> dict:
+    """A store's ``meta.json``, checked for what reading the store needs.
+
+    Raises:
+        StoreError: naming the file when it is missing, unreadable or inconsistent.
+    """
+    if not meta_file.is_file():
+        raise StoreError(f"{meta_file.parent}: not an activation store (no meta.json)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise StoreError(f"{meta_file}: unreadable store description ({err}); delete the folder "
+                         f"{meta_file.parent} and the store is rebuilt when it is next needed") from err
+    problem = _meta_problem(meta)
+    if problem:
+        raise StoreError(f"{meta_file}: {problem}; delete the folder {meta_file.parent} and the "
+                         "store is rebuilt when it is next needed")
+    return meta
+
+
+def _meta_problem(meta: object) -> str | None:
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, kind in _META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"field {key!r} is missing or not a {kind.__name__}"
+    if meta["dtype"] not in _DTYPES:
+        return f"unknown dtype {meta['dtype']!r}"
+    shapes_ok = all(isinstance(s, list) and all(type(d) is int and d >= 0 for d in s)
+                    for s in meta["shapes"].values())
+    if not shapes_ok or sorted(meta["shapes"]) != sorted(map(str, meta["taps"])):
+        return "taps and shapes do not match"
+    size, count = meta["shard_size"], meta["num_images"]
+    if size < 1 or count < 0 or meta["num_shards"] != -(-count // size) or len(meta["images"]) != count:
+        return "image, shard and shard-size counts do not match"
+    return None
+
+
+def _repair(path: Path, meta: dict, *, full: bool, shards: Iterable[int] | None = None) -> list[str]:
+    """Check ``shards`` (default: all); set damaged ones aside. Returns the problems found."""
+    problems = []
+    for shard in range(meta["num_shards"]) if shards is None else sorted(shards):
+        problem = shard_problem(path, meta, shard, full=full)
+        if problem is None:
+            continue
+        try:
+            problem = quarantine_shard(path, meta, shard, full=full)
+        except (StoreError, OSError) as err:
+            problem = f"{problem} (could not set it aside: {err})"
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def verify_store(store: ActivationStore | Path | str, *, hashes: bool = True) -> list[str]:
+    """Check a store in full and set damaged shards aside; this is ``frozenlens extract --verify``.
+
+    Every published shard is checked: each tap file must exist with the size,
+    ``.npy`` header (dtype, shape) and, with ``hashes``, the BLAKE2b hash recorded
+    in the shard's manifest when it was written, and hold no more NaN/inf values
+    than it was written with. Shards written before manifests existed get the
+    size, shape and value checks only. A damaged shard is moved to the store's
+    ``quarantine/`` folder, the store loses ``complete.json`` and every problem is
+    logged as a warning; the next :func:`extract` of the same images and taps
+    recomputes the damaged shards and nothing else.
+
+    Args:
+        store: an :class:`ActivationStore` or the folder of one (complete or not).
+        hashes: also read every byte and compare hashes and values (else the
+            cheap checks only, as done whenever a store is opened).
+
+    Returns:
+        One line per damaged shard (shard, file and what is wrong); empty when intact.
+
+    Raises:
+        StoreError: ``store`` is not a store or its ``meta.json`` is unreadable.
+    """
+    path = store.path if isinstance(store, ActivationStore) else Path(store)
+    meta = read_meta(path / "meta.json")
+    complete = (path / COMPLETE).is_file()
+    return _repair(path, meta, full=hashes, shards=None if complete else published_shards(path))
+
+
+def find_store(root: Path, base_key: str, taps: Iterable[str], *,
+               verify: bool = False) -> ActivationStore | None:
+    """A complete store under ``root`` with the same backbone/images/dtype holding all ``taps``.
+
+    Unreadable or damaged stores are skipped with a warning naming the file, so
+    one bad store never stops the search (or another task).
+    """
     wanted = set(taps)
     if not root.is_dir():
         return None
     for meta_file in sorted(root.glob("*/meta.json")):
-        meta = json.loads(meta_file.read_text())
-        complete = (meta_file.parent / "complete.json").is_file()
-        if complete and meta.get("base_key") == base_key and wanted <= set(meta["taps"]):
-            return ActivationStore(meta_file.parent)
+        if not meta_file.parent.name.startswith("."):
+            store = _open_candidate(meta_file, base_key, wanted, verify)
+            if store is not None:
+                return store
     return None
+
+
+def _open_candidate(meta_file: Path, base_key: str, wanted: set[str],
+                    verify: bool) -> ActivationStore | None:
+    try:
+        meta = read_meta(meta_file)
+        if meta["base_key"] != base_key or not wanted <= set(meta["taps"]):
+            return None
+        if not (meta_file.parent / COMPLETE).is_file():
+            return None
+        return ActivationStore(meta_file.parent, verify=verify)
+    except StoreError as err:
+        logger.warning("skipping activation store: %s", err)
+        return None
 
 
 def extract(
@@ -233,6 +362,7 @@ def extract(
     shard_size: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    verify: bool = False,
 ) -> ActivationStore:
     """Run ``backbone`` once over ``images`` and store ``taps``; resume or reuse when possible.
 
@@ -247,10 +377,13 @@ def extract(
         shard_size: images per shard (default: as many as fit in 256 MiB).
         progress: show a progress bar with images/s.
         device: where to run the backbone (default: where it is).
+        verify: check the hashes and values of an existing store's shards
+            (:func:`verify_store`) before reusing it; damaged shards are re-extracted.
 
     Returns:
         The complete store. An existing complete store with the same backbone,
-        images and dtype that holds all ``taps`` is returned as is.
+        images and dtype that holds all ``taps`` is returned as is. Several
+        processes may extract the same store at once; each returns it complete.
     """
     if dtype not in _DTYPES:
         raise StoreError(f"dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
@@ -259,57 +392,99 @@ def extract(
     paths = [str(Path(p)) for p in images]
     origin = None if isinstance(backbone, FrozenBackbone) else backbone.origin
     plan = _Plan(backbone.describe(), tuple(t.key for t in taps), dtype, tuple(paths),
-                 images_fingerprint([Path(p) for p in paths]), origin)
-    existing = find_store(root, plan.base_key, plan.taps)
+                 images_fingerprint(paths), origin)
+    existing = find_store(root, plan.base_key, plan.taps, verify=verify)
     if existing is not None:
         if progress:
             print(f"reusing activation store {existing.path} ({existing.num_images} images)")
         return existing
     path = ensure_dir(root / plan.key)
     meta = _write_meta(path, plan, backbone, taps, shard_size)
+    if verify:
+        _repair(path, meta, full=True, shards=published_shards(path))
     _extract_missing(path, meta, backbone, taps, batch_size, progress, device)
     return _finish(path, meta)
 
 
 def _write_meta(path: Path, plan: _Plan, backbone: FrozenBackbone | TapSource, taps: list[Tap],
                 shard_size: int | None) -> dict:
+    """The store's meta (written now unless a valid one for this plan exists)."""
     meta_file = path / "meta.json"
-    if meta_file.is_file():
-        return json.loads(meta_file.read_text())
+    with file_lock(store_lock_file(path)):
+        if meta_file.exists():
+            try:
+                meta = read_meta(meta_file)
+                if meta.get("key") == plan.key and meta["taps"] == list(plan.taps):
+                    return meta
+                logger.warning("%s: describes another store; starting this one again", meta_file)
+            except StoreError as err:
+                logger.warning("%s; starting this store again", err)
+            _set_aside_all(path)
+        meta = _new_meta(plan, backbone, taps, shard_size)
+        write_json(meta_file, meta, indent=1, error=StoreError)
+        return meta
+
+
+def _new_meta(plan: _Plan, backbone: FrozenBackbone | TapSource, taps: list[Tap],
+              shard_size: int | None) -> dict:
     shapes = {t.key: list(backbone.tap_shape(t)) for t in taps}
     itemsize = np.dtype(plan.dtype).itemsize
     per_image = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
     size = shard_size or max(1, min(1024, _SHARD_BYTES // max(per_image, 1)))
-    meta = {
+    return {
         "format": STORE_FORMAT, "key": plan.key, "base_key": plan.base_key,
         "backbone": plan.backbone, "taps": list(plan.taps), "shapes": shapes,
         "dtype": plan.dtype, "num_images": len(plan.images), "shard_size": size,
         "num_shards": -(-len(plan.images) // size), "images": list(plan.images),
         "images_fingerprint": plan.fingerprint, **({"origin": plan.origin} if plan.origin else {}),
     }
-    _atomic_write_text(meta_file, json.dumps(meta, indent=1))
-    return meta
+
+
+def _set_aside_all(path: Path) -> None:
+    """Move every shard of a store whose meta.json cannot be trusted into quarantine/."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    if (path / "shards").is_dir():
+        target = path / QUARANTINE / f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (path / "shards").rename(target)
+        logger.warning("%s: shards of the old store moved to %s", path, target)
 
 
 def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TapSource, taps: list[Tap],
                      batch_size: int, progress: bool, device) -> None:
-    shards_dir = ensure_dir(path / "shards")
-    for stale in shards_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    done = _done_shards(path)
-    size, images = meta["shard_size"], meta["images"]
-    todo = [s for s in range(meta["num_shards"]) if s not in done]
-    finished = len(images) - sum(len(images[s * size:(s + 1) * size]) for s in todo)
-    if progress and done:
-        print(f"resuming extraction in {path}: {len(done)}/{meta['num_shards']} shards already done")
+    """Compute every shard not yet published, sharing the work with concurrent extractions."""
+    ensure_dir(path / "shards")
+    clean_stale_temps(path)
+    todo = [s for s in range(meta["num_shards"]) if not shard_dir(path, s).is_dir()]
+    if progress and len(todo) < meta["num_shards"]:
+        print(f"resuming extraction in {path}: {meta['num_shards'] - len(todo)}/{meta['num_shards']} "
+              "shards already done")
     desc = "extracting" if isinstance(backbone, FrozenBackbone) else f"fetching ({backbone.origin})"
-    bar = tqdm(total=len(images), initial=finished, unit="img", desc=desc,
+    finished = meta["num_images"] - sum(shard_rows(meta, s) for s in todo)
+    bar = tqdm(total=meta["num_images"], initial=finished, unit="img", desc=desc,
                disable=not progress, dynamic_ncols=True)
     with bar:
-        for shard in todo:
-            shard_images = images[shard * size:(shard + 1) * size]
-            arrays = _run_shard(backbone, shard_images, taps, batch_size, meta["dtype"], device, bar)
-            _write_shard(shards_dir, shard, arrays)
+        def compute(images: list[str]) -> dict[str, np.ndarray]:
+            return _run_shard(backbone, images, taps, batch_size, meta["dtype"], device, bar)
+
+        busy = [s for s in todo if not _extract_shard(path, meta, s, compute, bar, blocking=False)]
+        for shard in busy:  # being written by another process: wait for it (or take over)
+            logger.info("%s: waiting for another process writing shard %06d", path, shard)
+            _extract_shard(path, meta, shard, compute, bar, blocking=True)
+
+
+def _extract_shard(path: Path, meta: dict, shard: int, compute, bar, *, blocking: bool) -> bool:
+    """Compute and publish one shard under its lock; False if another process holds the lock."""
+    with file_lock(shard_lock_file(path, shard), blocking=blocking) as held:
+        if not held:
+            return False
+        if shard_dir(path, shard).is_dir():  # published by another process meanwhile
+            bar.update(shard_rows(meta, shard))
+            return True
+        size = meta["shard_size"]
+        arrays = compute(meta["images"][shard * size:(shard + 1) * size])
+        _write_shard(path, shard, arrays)
+        return True
 
 
 def _run_shard(backbone: FrozenBackbone | TapSource, image_paths: list[str], taps: list[Tap],
@@ -353,29 +528,21 @@ def _fetch_shard(source: TapSource, image_paths: list[str], taps: list[Tap], bat
     return {key: np.concatenate(chunks) for key, chunks in parts.items()}
 
 
-def _write_shard(shards_dir: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
-    tmp = shards_dir / f".tmp-{shard:06d}-{os.getpid()}"
-    tmp.mkdir()
-    for key, array in arrays.items():
-        with open(tmp / _tap_file(key), "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-    try:
-        os.rename(tmp, shards_dir / f"{shard:06d}")
-    except OSError:  # another process finished this shard first
-        shutil.rmtree(tmp, ignore_errors=True)
+def _write_shard(path: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
+    """Publish a computed shard (the caller holds its lock)."""
+    write_shard(path, shard, arrays)
 
 
 def _finish(path: Path, meta: dict) -> ActivationStore:
-    total = sum(f.stat().st_size for f in (path / "shards").rglob("*.npy"))
-    meta = {**meta, "bytes_total": total}
-    _atomic_write_text(path / "meta.json", json.dumps(meta, indent=1))
-    _atomic_write_text(path / "complete.json", json.dumps({"bytes_total": total}))
+    """Mark the store complete once every shard is published and intact; open it."""
+    with file_lock(store_lock_file(path)):
+        if not (path / COMPLETE).is_file():
+            problems = [p for s in range(meta["num_shards"]) if (p := shard_problem(path, meta, s))]
+            if problems:
+                raise StoreError(f"{path}: not complete after extraction ({'; '.join(problems)}); "
+                                 "run the same extraction again")
+            total = sum(f.stat().st_size for s in range(meta["num_shards"])
+                        for f in shard_dir(path, s).glob("*.npy"))
+            write_json(path / "meta.json", {**meta, "bytes_total": total}, indent=1, error=StoreError)
+            write_json(path / COMPLETE, {"bytes_total": total}, indent=None, error=StoreError)
     return ActivationStore(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
