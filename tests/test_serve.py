@@ -104,7 +104,9 @@ def test_info_health_and_openapi(client, tiny_backbone):
     assert info["backbone"]["weights_hash"] == tiny_backbone.weights_hash
     assert info["gather_k"] == GATHER_K and info["features"]["gather.8:tokens"] == [5, 192]
     assert info["codecs"]["int8"]["bytes_per_image"]["gather.8:tokens"] == 5 * 192 + 5 * 4
-    spec = client.get("/openapi.json").json()
+    assert client.get("/openapi.json").status_code == 401  # the description needs the token too
+    assert client.get("/docs").status_code == 404  # the browsable page exists on an insecure server only
+    spec = client.get("/openapi.json", headers=AUTH).json()
     body = spec["paths"]["/v1/features"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"images", "features", "codec"}
     assert "HTTPBearer" in json.dumps(spec["components"]["securitySchemes"])
@@ -168,8 +170,13 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, name,
 def test_a_token_is_required_unless_explicitly_insecure(tiny_backbone):
     with pytest.raises(FrozenlensError, match="insecure=True"):
         create_app(tiny_backbone, gather_depths=[4])
-    with TestClient(create_app(tiny_backbone, insecure=True, gather_depths=[4])) as open_client:
+    app = create_app(tiny_backbone, insecure=True, gather_depths=[4])
+    with TestClient(app, client=("127.0.0.1", 50000)) as open_client:
         assert open_client.post("/v1/features", json={"images": [_b64(_png())]}).status_code == 200
+        assert open_client.get("/openapi.json").status_code == 200 and open_client.get("/docs").status_code == 200
+    with TestClient(app, client=("192.0.2.7", 50000)) as remote_client:  # insecure: loopback clients only
+        refused = remote_client.post("/v1/features", json={"images": [_b64(_png())]})
+        assert refused.status_code == 403 and "loopback" in refused.json()["detail"]
 
 
 def test_full_queue_answers_429_then_recovers(tiny_backbone):

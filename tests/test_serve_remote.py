@@ -23,10 +23,11 @@ import uvicorn
 from frozenlens.backbones import Tap
 from frozenlens.cli import main
 from frozenlens.data import load_task
-from frozenlens.serve.app import Limits, create_app
+from frozenlens.serve.app import ConnectionLimits, Limits, create_app, uvicorn_config
 from frozenlens.serve.client import FeatureClient, RemoteError, RemoteTaps
 from frozenlens.serve.engine import FeatureEngine
 from frozenlens.store import extract
+from tests.conftest import adapter_folder
 
 TOKEN = "edge-token"
 TAPS = [Tap("final", "cls"), Tap("gather.4", "tokens")]
@@ -35,12 +36,13 @@ TAPS = [Tap("final", "cls"), Tap("gather.4", "tokens")]
 class LiveServer:
     """uvicorn serving an app on a free loopback port, in a thread."""
 
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, connections: ConnectionLimits | None = None):
         self.app = app
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=20))
+        # the very uvicorn settings `frozenlens serve` runs with (connection guard included)
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    graceful_shutdown_s=20, connections=connections))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -136,18 +138,18 @@ def test_mist_on_the_edge_fetches_only_the_gathers_and_predicts_through_the_serv
     assert store.taps == ["gather.12:tokens", "gather.4:tokens", "gather.8:tokens"]  # not 13 block maps
     assert store.meta["origin"] == "remote:int8" and store.num_images == 81
     assert server.state.images_served - served_before == 81  # every image fetched once
-    adapter = json.loads((out / "mist-lae_blocks=1,epochs=3" / "adapter.json").read_text())
+    adapter = json.loads((adapter_folder(out, "mist:lae_blocks=1,epochs=3") / "adapter.json").read_text())
     chosen = adapter["config"]["gather_depth"]
     assert adapter["config"]["gathered"] is True and chosen in (4, 8, 12)
     assert adapter["taps"] == [f"gather.{chosen}:tokens"] and adapter["features_from"] == "remote:int8"
 
     images = sorted((tiny_task / "images" / "red").glob("test_*.png"))[:3]
     capsys.readouterr()
-    assert main(["predict", str(out / "mist-lae_blocks=1,epochs=3"), *map(str, images), "--json",
+    assert main(["predict", str(adapter_folder(out, "mist:lae_blocks=1,epochs=3")), *map(str, images), "--json",
                  "--remote", server.url, "--token", TOKEN]) == 0
     remote = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(remote) == 3 and all(abs(sum(p for _, p in r["top"]) - 1) < 1e-5 for r in remote)
-    assert main(["predict", str(out / "mist-lae_blocks=1,epochs=3"), *map(str, images), "--json"]) == 0
+    assert main(["predict", str(adapter_folder(out, "mist:lae_blocks=1,epochs=3")), *map(str, images), "--json"]) == 0
     local = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # g_k computed here
     for r, h in zip(remote, local):
         assert dict(r["top"]) == pytest.approx(dict(h["top"]), abs=0.05)  # int8 on the wire vs float here

@@ -5,12 +5,13 @@
     GET  /v1/info       backbone name and weights hash, served features and their shapes,
                         gather depths k, codecs with bytes per image, limits
     GET  /v1/health     liveness (no token needed)
-    GET  /openapi.json  the OpenAPI description; /docs renders it
+    GET  /openapi.json  the OpenAPI description (token needed like every route)
+    GET  /docs          renders it, on an insecure (loopback-only) server only
 
 Every request but health needs ``Authorization: Bearer <token>`` unless the app
-is created with ``insecure=True``. Refusals are JSON ``{"detail": "..."}`` with
+is created with ``insecure=True``; such an app answers loopback clients only (403). Refusals are JSON ``{"detail": "..."}`` with
 the status that says why: 400 malformed JSON, bad base64 or an undecodable image;
-401 missing or wrong token; 413 body, batch or image too large; 415 not JSON;
+401 missing or wrong token; 403 a non-loopback client of an insecure server; 413 body, batch or image too large; 415 not JSON;
 422 a request that parses but asks for something unknown (a feature, a gather
 depth k, a codec); 429 the queue is full; 503 shutting down. Requests from
 concurrent clients are merged into backbone passes (:mod:`frozenlens.serve.batching`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -41,6 +43,8 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.serve.batching import Admission, Batcher
 from frozenlens.serve.codecs import MEDIA_TYPE, encode_payload, get_codec
 from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine, Job, RequestError
+
+log = logging.getLogger(__name__)
 
 Runner = Callable[[Job], Awaitable[dict[str, np.ndarray]]]
 """Computes one job's features; the plain server batches with :class:`Batcher`, Ray with ``serve.batch``."""
@@ -126,13 +130,63 @@ def create_app(
     engine = backbone if isinstance(backbone, FeatureEngine) else FeatureEngine(backbone, taps, gather_depths)
     limits = limits or Limits()
     state = _ServerState(engine, limits, runner)
+    # The OpenAPI description needs the token like every other route; the browsable /docs page
+    # (which fetches it without one) exists only on an insecure, loopback-only server.
     app = FastAPI(title="frozenlens feature server", version=__version__, lifespan=state.lifespan,
-                  description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
+                  description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+                  openapi_url="/openapi.json" if insecure else None,
+                  docs_url="/docs" if insecure else None, redoc_url=None)
     app.state.server = state
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if insecure:
+        app.add_middleware(LoopbackOnly)
     app.add_exception_handler(RequestError, _request_error_response)
-    _add_routes(app, state, _bearer_check(token, insecure))
+    check = _bearer_check(token, insecure)
+    _add_routes(app, state, check)
+    if not insecure:
+        @app.get("/openapi.json", dependencies=[Depends(check)], include_in_schema=False)
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_insecure_host(host: str, how: str = "--insecure") -> None:
+    """Refuse to serve without a token on a non-loopback address (``frozenlens serve`` and Ray's builder)."""
+    if not is_loopback(host):
+        raise FrozenlensError(f"{how} serves without a token, so only on a loopback host (127.0.0.1, ::1, "
+                              f"localhost), not {host!r}; serve with a token instead (--token or "
+                              "$FROZENLENS_TOKEN)")
+
+
+class LoopbackOnly:
+    """ASGI middleware of a server without a token: answer loopback clients only (HTTP 403).
+
+    The host check at start covers ``frozenlens serve``; this covers every other way the
+    app can end up listening more widely (a Ray Serve proxy, a hand-written uvicorn call).
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        client = scope.get("client")
+        if scope["type"] in ("http", "websocket") and not (client and is_loopback(str(client[0]))):
+            who = client[0] if client else "an unknown address"
+            log.warning("refused a request from %s: this server has no token and answers loopback only", who)
+            response = JSONResponse({"detail": "this server runs without a token and answers loopback "
+                                               "clients only"}, status_code=403)
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _ServerState:
@@ -309,8 +363,6 @@ class BodySizeLimit:
 
 # -- running the app: uvicorn with connection limits ----------------------------------------------
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class ConnectionLimits:
@@ -349,18 +401,24 @@ class ConnectionLimits:
 
 
 class _RateLimitedLog:
-    """Logs a refusal at most once per ``every_s`` seconds, with the count of those it held back."""
+    """Logs each kind of refusal at most once per ``every_s`` seconds, with the count held back.
+
+    An attack of a thousand connections gives a few lines a second, not a thousand.
+    """
 
     def __init__(self, every_s: float = 1.0):
-        self.every_s, self.last, self.held = every_s, float("-inf"), 0
+        self.every_s = every_s
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
 
     def warning(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            self.held += 1
+        now, last = time.monotonic(), self.last.get(message, float("-inf"))
+        if now - last < self.every_s:
+            self.held[message] = self.held.get(message, 0) + 1
             return
-        extra = f" (and {self.held} more like it in the last {now - self.last:.0f} s)" if self.held else ""
-        self.last, self.held = now, 0
+        held = self.held.pop(message, 0)
+        extra = f" (and {held} more like it in the last {now - last:.1f} s)" if held else ""
+        self.last[message] = now
         log.warning(message + extra, *args)
 
 

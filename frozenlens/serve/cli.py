@@ -7,7 +7,6 @@ nothing here imports FastAPI, uvicorn or Ray until the command runs.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import secrets
 import signal
@@ -44,7 +43,8 @@ examples:
   frozenlens fit DATA --method mist --remote http://SERVER:8765 --token s3cret --codec int8
   frozenlens predict runs/DATA/mist photo.jpg --remote http://SERVER:8765 --token s3cret
 
-endpoints: POST /v1/features, GET /v1/info, GET /v1/health, GET /openapi.json (docs: /docs)
+endpoints: POST /v1/features, GET /v1/info, GET /v1/health, GET /openapi.json (token needed;
+/docs only with --insecure)
 """
 
 
@@ -79,6 +79,16 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     limits.add_argument("--batch-images", type=int, default=32, help="images per backbone pass (default: 32)")
     limits.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long a pass waits for more requests (default: 5)")
+    conn = parser.add_argument_group("connections (slow or half-open clients; see docs/serve.md)")
+    conn.add_argument("--header-timeout", type=float, default=10.0,
+                      help="seconds a connection has to send a request's headers (default: 10)")
+    conn.add_argument("--body-timeout", type=float, default=60.0,
+                      help="seconds a request has to send its body once the headers are in (default: 60)")
+    conn.add_argument("--max-connections", type=int, default=512,
+                      help="open connections, all clients; at the cap the oldest one still sending is "
+                           "closed (default: 512)")
+    conn.add_argument("--keep-alive", type=int, default=5,
+                      help="seconds an idle connection stays open between requests (default: 5)")
     scale = parser.add_argument_group("scale-out")
     scale.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment on a local Ray")
     scale.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default: 1)")
@@ -121,10 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> str | None:
     if args.insecure:
-        if not _is_loopback(args.host):
-            raise FrozenlensError(f"--insecure serves without a token, so only on a loopback --host "
-                                  f"(127.0.0.1, ::1, localhost), not {args.host!r}; drop --insecure and "
-                                  f"use --token or ${TOKEN_ENV}")
+        from frozenlens.serve.app import check_insecure_host
+
+        check_insecure_host(args.host)
         return None
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
@@ -133,27 +142,18 @@ def _token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _run_uvicorn(args: argparse.Namespace, token: str | None, limits, taps) -> int:
-    import uvicorn
-
     from frozenlens.backbones import load_backbone
-    from frozenlens.serve.app import create_app
+    from frozenlens.serve.app import ConnectionLimits, create_app, serve
     from frozenlens.serve.engine import DEFAULT_TAPS
 
+    connections = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                   max_connections=args.max_connections, keep_alive_s=args.keep_alive)
     backbone = load_backbone(args.backbone, img_size=args.img_size, device=args.device)
     app = create_app(backbone, token=token, insecure=token is None, limits=limits,
                      taps=taps or DEFAULT_TAPS, gather_depths=args.gather_k)
     _banner(args, app.state.server.engine.info())
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    serve(app, host=args.host, port=args.port, connections=connections)
     return 0
 
 

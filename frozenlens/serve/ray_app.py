@@ -26,7 +26,8 @@ import numpy as np
 from ray import serve
 
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
-from frozenlens.serve.app import Limits, create_app
+from frozenlens.errors import FrozenlensError
+from frozenlens.serve.app import Limits, check_insecure_host, create_app
 from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine, Job
 
 
@@ -86,12 +87,31 @@ def deployment(*, backbone: str = DEFAULT_BACKBONE, img_size: int | None = None,
 def build(args: dict[str, str]) -> serve.Application:
     """Application builder for ``serve run frozenlens.serve.ray_app:build key=value ...``.
 
-    Keys: backbone, img_size, token, insecure (true/false), replicas, taps
-    (comma-separated), gather_k (comma-separated).
+    Keys: backbone, img_size, token, insecure (true/false), host (the address Ray
+    Serve's proxy listens on; default 127.0.0.1), replicas, taps (comma-separated),
+    gather_k (comma-separated).
+
+    ``insecure=true`` is refused with a non-loopback ``host``, exactly like
+    ``frozenlens serve --insecure`` (the same check); and an insecure app answers
+    loopback clients only (HTTP 403 otherwise), whatever address the proxy really
+    listens on.
     """
+    known = {"backbone", "img_size", "token", "insecure", "host", "replicas", "taps", "gather_k"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise FrozenlensError(f"unknown build argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    insecure_text = args.get("insecure", "false").lower()
+    if insecure_text not in ("true", "false"):
+        raise FrozenlensError(f"insecure={args['insecure']!r}: use true or false")
+    insecure = insecure_text == "true"
+    if insecure:
+        check_insecure_host(args.get("host", "127.0.0.1"), how="insecure=true")
+    elif not args.get("token"):
+        raise FrozenlensError("the feature server needs token=<bearer token> (or insecure=true on a loopback "
+                              "host, for local experiments)")
     taps = args["taps"].split(",") if args.get("taps") else DEFAULT_TAPS
     gather = [int(k) for k in args["gather_k"].split(",")] if args.get("gather_k") else None
     return deployment(backbone=args.get("backbone", DEFAULT_BACKBONE),
                       img_size=int(args["img_size"]) if args.get("img_size") else None,
-                      token=args.get("token"), insecure=args.get("insecure", "false").lower() == "true",
+                      token=None if insecure else args.get("token"), insecure=insecure,
                       taps=taps, gather_depths=gather, replicas=int(args.get("replicas", 1)))
