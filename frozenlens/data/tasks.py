@@ -23,9 +23,13 @@ with ``numpy.random.RandomState(0)``, so it is the same on every machine.
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
+import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +39,7 @@ import numpy as np
 from frozenlens.data.images import IMAGE_EXTENSIONS, is_image_file
 from frozenlens.errors import DataError
 
+logger = logging.getLogger(__name__)
 VTAB_SPLIT_FILES: dict[str, str] = {
     "train": "train800.txt",
     "val": "val200.txt",
@@ -66,6 +71,30 @@ ACCEPTED_LAYOUTS = (
 )
 _MAX_LISTED = 5
 _INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+def _read_text(path: Path) -> str:
+    """A text file's content (UTF-8, BOM allowed); DataError naming the file otherwise."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save the file as UTF-8."
+        ) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err}).") from None
+
+
+def _regular_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file (None if it is); never opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return "does not exist" if err.errno == errno.ENOENT else f"cannot be read ({err.strerror or err})"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a folder, FIFO, socket or device)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -179,7 +208,7 @@ def _load_vtab(root: Path) -> Task:
 
 def _read_classes(path: Path) -> list[str]:
     """Read ``classes.txt``: one non-empty, unique class name per line (trailing blanks allowed)."""
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    lines = [line.strip() for line in _read_text(path).splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
@@ -199,7 +228,7 @@ def _read_split_file(path: Path, n_classes: int | None) -> list[tuple[str, int, 
     """Parse a split file into ``(relative path, label, line number)`` rows."""
     rows: list[tuple[str, int, int]] = []
     seen: dict[str, int] = {}
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -243,11 +272,13 @@ def _check_vtab_files(root: Path, raw: dict[str, list[tuple[str, int, int]]]) ->
             if rel in checked:
                 continue
             checked.add(rel)
-            if not (root / rel).is_file():
-                missing.append(f"{VTAB_SPLIT_FILES[split]}:{lineno}: {rel}")
+            problem = _regular_file_problem(root / rel)
+            if problem:
+                missing.append(f"{VTAB_SPLIT_FILES[split]}:{lineno}: {rel} {problem}")
     if missing:
         raise DataError(
-            f"{root}: {len(missing)} image file(s) listed in the split files do not exist, "
+            f"{root}: {len(missing)} image file(s) listed in the split files are missing or not "
+            "regular files, "
             f"e.g. {'; '.join(missing[:_MAX_LISTED])}. Paths are relative to the task root; "
             "fix them or drop those lines."
         )
@@ -359,8 +390,17 @@ def _images_under(folder: Path) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not _is_hidden(Path(d))]
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(Path(f)))
+        candidates = (Path(dirpath) / f for f in filenames if is_image_file(Path(f)))
+        found.extend(p for p in candidates if _usable_image(p))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _usable_image(path: Path) -> bool:
+    """False (with a logged warning) for image-named entries that are not regular files."""
+    problem = _regular_file_problem(path)
+    if problem:
+        logger.warning("%s: skipped, it %s", path, problem.replace("does not exist", "is a broken link"))
+    return problem is None
 
 
 def _read_metadata(meta: Path) -> RawItems:
@@ -377,12 +417,13 @@ def _read_metadata(meta: Path) -> RawItems:
             raise DataError(f"{meta}:{lineno}: file_name {name!r} already listed on line {seen[name]}.")
         seen[name] = lineno
         path = meta.parent / name
-        if not path.is_file():
-            missing.append(f"{meta.name}:{lineno}: {name}")
+        problem = _regular_file_problem(path)
+        if problem:
+            missing.append(f"{meta.name}:{lineno}: {name} {problem}")
         items.append((path, label))
     if missing:
         raise DataError(
-            f"{meta}: {len(missing)} file(s) listed do not exist, e.g. "
+            f"{meta}: {len(missing)} file(s) listed are missing or not regular files, e.g. "
             f"{'; '.join(missing[:_MAX_LISTED])}. file_name is relative to {meta.parent}."
         )
     return items
@@ -391,13 +432,12 @@ def _read_metadata(meta: Path) -> RawItems:
 def _metadata_rows(meta: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row dict)`` pairs of a metadata.csv or metadata.jsonl file."""
     if meta.suffix == ".csv":
-        with meta.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "file_name" not in reader.fieldnames:
-                raise DataError(f"{meta}: needs a 'file_name' column (header: {reader.fieldnames}).")
-            return [(reader.line_num, row) for row in reader]
+        reader = csv.DictReader(io.StringIO(_read_text(meta), newline=""))
+        if not reader.fieldnames or "file_name" not in reader.fieldnames:
+            raise DataError(f"{meta}: needs a 'file_name' column (header: {reader.fieldnames}).")
+        return [(reader.line_num, row) for row in reader]
     rows: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for lineno, line in enumerate(_read_text(meta).splitlines(), 1):
         if not line.strip():
             continue
         try:
