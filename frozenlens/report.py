@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from frozenlens.atomic import write_json, write_text
 from frozenlens.methods import config_to_dict
 from frozenlens.train.protocol import MethodResult
 
@@ -53,14 +53,19 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def write_results(out_dir: Path, records: Sequence[dict[str, Any]], context: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns both paths."""
+    """Write ``results.json`` and ``results.md`` into ``out_dir`` atomically; returns both paths.
+
+    Raises:
+        FrozenlensError: a file cannot be written (e.g. the disk is full); the
+            previous results files, if any, are unchanged.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps({"context": context, "results": list(records)}, indent=2))
+    write_json(json_path, {"context": context, "results": list(records)})
     header = [f"# frozenlens results: {context.get('task', '')}", ""]
     header += [f"- {k}: {v}" for k, v in context.items() if not isinstance(v, (dict, list))]
     note = ("Test accuracy is of models retrained on train+val with the hyper-parameters "
             "chosen on val (never on test; '—' in 'best val acc': no grid search, defaults used); "
             "mean ± std over seeds. 'taps KB/img': stored activations the method reads.")
-    md_path.write_text("\n".join(header + ["", markdown_table(records), "", note, ""]))
+    write_text(md_path, "\n".join(header + ["", markdown_table(records), "", note, ""]))
     return json_path, md_path
