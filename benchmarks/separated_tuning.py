@@ -61,7 +61,7 @@ from frozenlens.methods import build_method
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.serve.client import RemoteTaps
 from frozenlens.serve.codecs import CODECS, decode_payload
-from frozenlens.serve.loadtest import LoadTest
+from loadtest import LoadTest
 from frozenlens.store import ActivationStore, extract
 from frozenlens.backbones import Tap
 from frozenlens.train.data import TapData

@@ -7,7 +7,7 @@ training images (train800val200) of a VTAB-1k task, with the default backbone
 * **store**: one backbone pass per training image (extraction, timed), then all
   ``--epochs`` epochs for real from the stored block inputs;
 * **loop**: the way reference implementations train: decode, preprocess and run the
-  frozen backbone on every image of every epoch (:class:`frozenlens.train.live.LiveTaps`).
+  frozen backbone on every image of every epoch (:class:`benchmarks.live_taps.LiveTaps`).
   On a CPU this takes hours, so it runs ``--loop-epochs`` epochs; its 100-epoch time
   is extrapolated from the measured per-epoch time (labelled as such). Run it in full
   on a GPU with ``--loop-epochs 100 --device cuda``.
@@ -49,7 +49,7 @@ from frozenlens.methods import build_method
 from frozenlens.paths import cache_dir
 from frozenlens.store import ActivationStore, extract
 from frozenlens.train.data import TapData
-from frozenlens.train.live import LiveTaps
+from live_taps import LiveTaps
 from frozenlens.train.measure import Measure
 from frozenlens.train.trainer import evaluate, predict_logits
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +18,12 @@ from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone
 from frozenlens.data import Task, load_task
 from frozenlens.errors import FrozenlensError
-from frozenlens.methods import get_method, make_config
+from frozenlens.methods import get_method, make_config, method_for_config
 from frozenlens.methods.base import convert_setting
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, TapSource, extract
 from frozenlens.train.images import IMAGES_KEY, preprocess
-from frozenlens.train.protocol import MethodResult, run_protocol
+from frozenlens.protocol import MethodResult, run_protocol
 from frozenlens.train.trainer import TrainConfig
 
 
@@ -34,31 +38,78 @@ class MethodSpec:
     Keys are the method's config fields, the training settings in
     :data:`TRAIN_SETTINGS` (``epochs``, ``lr``, ``weight_decay``, ``batch_size`` ...),
     or ``seeds`` (``0+1+2``: this method's final-run seeds instead of the global ones).
+    A tuple setting joins its values with ``+`` (``head2toe:pool_sizes=1+2``,
+    ``inca:layers=6+8+11``), since commas separate settings.
+
+    :attr:`text` is the spec as written (what tables show); :attr:`label` is a
+    folder-safe, unique name derived from it (the adapter folder's name).
     """
 
     name: str
     settings: dict[str, str] = field(default_factory=dict)
+    typed_config: Any = None
+    """A config dataclass given directly (``fit(task, [VQTConfig(num_queries=2)])``)."""
 
     @classmethod
     def parse(cls, text: str) -> "MethodSpec":
-        name, _, rest = text.partition(":")
+        """Parse and check a spec (unknown method or setting: an error before any work)."""
+        name, _, rest = text.strip().partition(":")
         settings = {}
         for part in filter(None, rest.split(",")):
             key, eq, value = part.partition("=")
-            if not eq:
-                raise FrozenlensError(f"method spec {text!r}: settings are key=value, comma-separated")
+            if not eq or not key.strip():
+                raise FrozenlensError(f"method spec {text!r}: settings are key=value, comma-separated "
+                                      "(tuples join their values with +, e.g. layers=6+8+11)")
             settings[key.strip()] = value.strip()
         spec = cls(name, settings)
-        make_config(name, spec.method_settings)  # unknown method or setting: fail before any work
-        spec.train_overrides()
-        spec.seeds(())
+        spec.check()
         return spec
+
+    @classmethod
+    def of(cls, item: "str | MethodSpec | Any") -> "MethodSpec":
+        """A spec from a spec string, a :class:`MethodSpec` or a method's config dataclass."""
+        if isinstance(item, MethodSpec):
+            return item
+        if isinstance(item, str):
+            return cls.parse(item)
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            spec = cls(method_for_config(item), typed_config=item)
+            spec.check()
+            return spec
+        raise FrozenlensError(f"method {item!r}: give a spec string like 'vqt:num_queries=2', a MethodSpec, "
+                              "or a method config such as VQTConfig(...)")
+
+    def check(self) -> None:
+        """Fail now, with the setting's name, on anything :meth:`config` or training would reject."""
+        self.config()
+        self.train_overrides()
+        self.seeds(())
+
+    def config(self) -> Any:
+        """The method's config (training settings and seeds in the spec are not part of it)."""
+        if self.typed_config is not None:
+            return self.typed_config
+        return make_config(self.name, self.method_settings)
+
+    @property
+    def text(self) -> str:
+        """The spec as a user writes it, e.g. ``linear:patch_mean=true``."""
+        settings = self.settings or _changed_fields(self.typed_config)
+        extra = ",".join(f"{k}={v}" for k, v in settings.items())
+        return f"{self.name}:{extra}" if extra else self.name
 
     @property
     def label(self) -> str:
-        """Folder-safe name, e.g. ``linear-patch_mean=true``."""
-        extra = ",".join(f"{k}={v}" for k, v in self.settings.items())
-        return f"{self.name}-{extra}" if extra else self.name
+        """Folder-safe unique name: the method, a readable slug of the settings and a short hash.
+
+        ``linear`` stays ``linear``; ``toast:pretuned=runs/x`` becomes
+        ``toast-pretuned=runs_x-<6 hex>``. The full spec is kept in ``adapter.json``.
+        """
+        if self.text == self.name:
+            return self.name
+        slug = re.sub(r"[^A-Za-z0-9._=+,-]+", "_", self.text.replace(":", "-", 1))[:60].strip("._")
+        digest = hashlib.sha1(self.text.encode()).hexdigest()[:6]
+        return f"{slug}-{digest}"
 
     @property
     def method_settings(self) -> dict[str, str]:
@@ -66,20 +117,60 @@ class MethodSpec:
         return {k: v for k, v in self.settings.items() if k not in TRAIN_SETTINGS and k != "seeds"}
 
     def train_overrides(self) -> dict[str, Any]:
-        """Training settings given in the spec, converted to their types."""
+        """Training settings given in the spec, converted to their types and checked."""
         defaults = TrainConfig()
-        return {k: convert_setting(v, getattr(defaults, k), k)
-                for k, v in self.settings.items() if k in TRAIN_SETTINGS}
+        overrides = {k: convert_setting(v, getattr(defaults, k), k)
+                     for k, v in self.settings.items() if k in TRAIN_SETTINGS}
+        try:
+            defaults.updated(**overrides)
+        except ValueError as err:
+            raise FrozenlensError(f"method spec {self.text!r}: {err}") from None
+        return overrides
 
     def seeds(self, default: Sequence[int]) -> list[int]:
         """The spec's ``seeds`` (``0+1+2``), else ``default``."""
         if "seeds" not in self.settings:
             return list(default)
         try:
-            return [int(s) for s in self.settings["seeds"].split("+") if s.strip()]
-        except ValueError as err:
-            raise FrozenlensError(f"method spec {self.label!r}: seeds are integers joined by '+', "
-                                  "e.g. seeds=0+1+2") from err
+            seeds = [int(s) for s in self.settings["seeds"].split("+") if s.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds:
+            raise FrozenlensError(f"method spec {self.text!r}: seeds are integers joined by '+', "
+                                  "e.g. seeds=0+1+2")
+        return seeds
+
+    def identity(self) -> tuple:
+        """What makes two specs the same run (their config, training settings and seeds)."""
+        return (self.name, repr(self.config()), tuple(sorted(self.train_overrides().items())),
+                self.settings.get("seeds"))
+
+
+def parse_specs(methods: Sequence["str | MethodSpec | Any"]) -> list[MethodSpec]:
+    """Specs of ``methods``; the same method twice (same settings) is an error, not an overwrite."""
+    specs = [MethodSpec.of(m) for m in methods]
+    seen: dict[tuple, str] = {}
+    for spec in specs:
+        if spec.identity() in seen:
+            raise FrozenlensError(f"methods {seen[spec.identity()]!r} and {spec.text!r} are the same run; "
+                                  "give each method once (or change a setting)")
+        seen[spec.identity()] = spec.text
+    if len({s.label for s in specs}) != len(specs):  # a hash collision of two different specs
+        raise FrozenlensError("two method specs map to one folder name; change one of them")
+    return specs
+
+
+def _changed_fields(config: Any) -> dict[str, str]:
+    """Fields of a config dataclass that differ from their defaults, as spec strings."""
+    if config is None:
+        return {}
+    default = type(config)()
+    changed = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value != getattr(default, f.name):
+            changed[f.name] = "+".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return changed
 
 
 @dataclass
@@ -97,12 +188,12 @@ class FitReport:
 
 def fit(
     data: str | Path | Task,
-    methods: Sequence[str] = ("linear",),
+    methods: Sequence["str | MethodSpec | Any"] = ("linear",),
     *,
     backbone: str | FrozenBackbone | TapSource = DEFAULT_BACKBONE,
     arch: str | None = None,
     img_size: int | None = None,
-    grid: bool | Collection[str] = False,
+    grid: bool | Collection[str] | dict[str, list[Any]] = False,
     seeds: Sequence[int] = (0,),
     epochs: int | None = None,
     out: str | Path | None = None,
@@ -118,20 +209,28 @@ def fit(
     PETL baselines, TOAST) train on the preprocessed images instead; when every
     method is such a method nothing is extracted and ``FitReport.store`` is None.
 
+    With ``out``, each method's adapter and results row are saved as soon as it
+    finishes, and a rerun of the same call skips the methods already saved with
+    the same settings, data and backbone (an interrupted fit loses nothing finished).
+
     Args:
         data: task folder (VTAB-1k export, ImageFolder or HF imagefolder) or a :class:`Task`.
-        methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``;
-            a spec may also override training settings and seeds (``"vqt:epochs=20,seeds=0"``).
+        methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``, or
+            config dataclasses (``VQTConfig(num_queries=2)``); a spec string may also override
+            training settings and seeds (``"vqt:epochs=20,seeds=0"``).
         backbone: backbone name/path (see :func:`frozenlens.load_backbone`), a loaded one, or
             a :class:`~frozenlens.store.TapSource` that computes taps elsewhere (a feature
             server: :class:`frozenlens.serve.RemoteTaps`); features then fill the store one
             request per shard, so an interrupted fetch resumes without fetching anything twice.
         arch, img_size: passed to :func:`frozenlens.load_backbone`.
-        grid: tune lr x weight decay on train/val first (the VTAB protocol): True for every
-            method, or the labels (:attr:`MethodSpec.label`) of the methods to tune.
-        seeds: final runs on train+val, one per seed; test accuracy is their mean.
+        grid: tune on train/val first (the VTAB protocol): True for every method with each
+            method's own grid, the specs or labels of the methods to tune, or a grid of your own
+            (``{"lr": [...], "weight_decay": [...]}``, names of training or method settings)
+            applied to every method.
+        seeds: final runs on train+val, one per seed; test accuracy is their mean and the
+            saved adapter is the first seed's (``adapter_seed`` in the results).
         epochs: override the methods' default number of epochs.
-        out: folder for adapters (``<out>/<method>/``) and ``results.{json,md}``; None writes nothing.
+        out: folder for adapters (``<out>/<label>/``) and ``results.{json,md}``; None writes nothing.
         device: ``cpu`` or ``cuda``.
         store_dtype: precision of stored taps.
         batch_size: images per backbone pass during extraction (per request when remote).
@@ -140,18 +239,19 @@ def fit(
             training memory is one batch rather than the whole split (for edge devices).
     """
     task = data if isinstance(data, Task) else load_task(data)
-    specs = [MethodSpec.parse(m) for m in methods]
+    specs = parse_specs(methods)
     net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
     remote = not isinstance(net, FrozenBackbone)
+    if remote:
+        _check_remote(specs)
     info = net.describe()
-    configs = {s.label: make_config(s.name, {**(remote_settings(s.name) if remote else {}), **s.method_settings})
-               for s in specs}
-    in_loop = [s.label for s in specs if get_method(s.name).in_loop]
-    if remote and in_loop:
-        raise FrozenlensError(f"{', '.join(in_loop)}: these methods run the backbone in the training "
-                              "loop; they need the backbone on this machine, not a --remote feature server")
-    taps = sorted({t for s in specs for t in get_method(s.name).taps(configs[s.label], info)})
+    configs = {s.label: _config_for(s, remote) for s in specs}
+    out_dir = Path(out) if out else None
+    run_keys = {s.label: _run_key(s, configs[s.label], task, net, seeds, grid, epochs, store_dtype) for s in specs}
+    finished = _finished_runs(out_dir, run_keys) if out_dir else {}
+    todo = [s for s in specs if s.label not in finished]
+    taps = sorted({t for s in todo for t in get_method(s.name).taps(configs[s.label], info)})
     started = time.perf_counter()
     store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
                     batch_size=batch_size, progress=progress, device=device,
@@ -159,23 +259,93 @@ def fit(
     extract_seconds = time.perf_counter() - started
     results, records = {}, []
     for spec in specs:
-        method_class = get_method(spec.name)
-        overrides = {**({"epochs": epochs} if epochs else {}), **spec.train_overrides()}
-        cfg = method_class.train_defaults.updated(device=device, **overrides)
-        tune = grid is True or (not isinstance(grid, bool) and spec.label in grid)
-        if progress:
-            print(f"training {spec.label}" + (" (grid search on train/val)" if tune else ""))
-        result = run_protocol(spec.name, configs[spec.label], store, task, info if remote else net,
-                              train_config=cfg,
-                              grid=method_class.grid if tune else None, seeds=spec.seeds(seeds),
-                              progress=progress, stream=low_memory)
+        if spec.label in finished:
+            _log.info("%s: already in %s with the same settings; skipped", spec.text, out_dir / spec.label)
+            records.append(finished[spec.label])
+            continue
+        result = _run_method(spec, configs[spec.label], store, task, net, grid, seeds, epochs, device,
+                             progress, low_memory)
         results[spec.label] = result
         keys = result.model.tap_keys()
-        records.append(result_record(spec.label, result, store.bytes_per_image_of(keys) if keys else 0))
-    out_dir = Path(out) if out else None
+        record = result_record(spec.label, result, store.bytes_per_image_of(keys) if keys else 0)
+        record.update(spec=spec.text, adapter_seed=spec.seeds(seeds)[0], run_key=run_keys[spec.label])
+        records.append(record)
+        if out_dir is not None:
+            _save_method(out_dir, task, net, result, record, store_dtype)
+            _save_results(out_dir, task, net, store, records, extract_seconds, store_dtype, seeds, grid)
     if out_dir is not None:
-        _save(out_dir, task, net, store, results, records, extract_seconds, store_dtype, seeds, grid)
+        _save_results(out_dir, task, net, store, records, extract_seconds, store_dtype, seeds, grid)
     return FitReport(task, net, store, results, records, out_dir, extract_seconds)
+
+
+_log = logging.getLogger("frozenlens")
+
+
+def _check_remote(specs: Sequence[MethodSpec]) -> None:
+    """Refuse, before any fetch, methods that need the backbone on this machine."""
+    local = [s.text for s in specs if get_method(s.name).in_loop or get_method(s.name).needs_backbone_modules]
+    if local:
+        raise FrozenlensError(
+            f"{', '.join(local)}: these methods run the backbone's own modules (in the training loop, or "
+            "VQT's queries through every frozen block), so they need the backbone on this machine, not a "
+            "--remote feature server. Drop --remote for them, or use a method that trains from served "
+            "features alone (linear, head2toe, mist, inca)")
+
+
+def _config_for(spec: MethodSpec, remote: bool) -> Any:
+    """The spec's method config, with the method's remote settings when a server computes taps."""
+    if spec.typed_config is not None:
+        return spec.typed_config
+    return make_config(spec.name, {**(remote_settings(spec.name) if remote else {}), **spec.method_settings})
+
+
+def _tunes(spec: MethodSpec, grid: bool | Collection[str] | dict[str, list[Any]]) -> dict[str, list[Any]] | None:
+    """The grid ``spec`` is tuned over, or None."""
+    if isinstance(grid, dict):
+        return grid or None
+    own = get_method(spec.name).grid
+    if grid is True or (not isinstance(grid, bool) and (spec.label in grid or spec.text in grid)):
+        return own
+    return None
+
+
+def _run_method(spec: MethodSpec, config: Any, store: ActivationStore | None, task: Task,
+                net: FrozenBackbone | TapSource, grid: Any, seeds: Sequence[int], epochs: int | None,
+                device: str, progress: bool, low_memory: bool) -> MethodResult:
+    method_class = get_method(spec.name)
+    overrides = {**({"epochs": epochs} if epochs else {}), **spec.train_overrides()}
+    cfg = method_class.train_defaults.updated(device=device, **overrides)
+    tuned = _tunes(spec, grid)
+    if progress:
+        _log.info("training %s%s", spec.text, " (grid search on train/val)" if tuned else "")
+    remote = not isinstance(net, FrozenBackbone)
+    return run_protocol(spec.name, config, store, task, net.describe() if remote else net,
+                        train_config=cfg, grid=tuned, seeds=spec.seeds(seeds), progress=progress,
+                        stream=low_memory)
+
+
+def _run_key(spec: MethodSpec, config: Any, task: Task, net: FrozenBackbone | TapSource, seeds: Sequence[int],
+             grid: Any, epochs: int | None, store_dtype: str) -> str:
+    """Hash of everything that determines a method's result (to skip it when already saved)."""
+    splits = {name: [f"{i.path} {i.label}" for i in items] for name, items in sorted(task.splits.items())}
+    tuned = _tunes(spec, grid)
+    material = json.dumps([spec.text, repr(config), spec.seeds(seeds), tuned and sorted(tuned.items()),
+                           epochs, store_dtype, net.weights_hash, net.image_size, splits], default=str)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def _finished_runs(out_dir: Path, run_keys: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Results rows of methods already saved in ``out_dir`` with the same run key."""
+    finished = {}
+    for label, key in run_keys.items():
+        try:
+            meta = read_adapter_meta(out_dir / label)
+        except FrozenlensError:
+            continue
+        record = meta.get("result")
+        if isinstance(record, dict) and record.get("run_key") == key:
+            finished[label] = record
+    return finished
 
 
 def remote_settings(method: str) -> dict[str, Any]:
@@ -185,14 +355,16 @@ def remote_settings(method: str) -> dict[str, Any]:
     return dict(getattr(get_method(method), "remote_settings", {}))
 
 
-def _save(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, store: ActivationStore | None,
-          results: dict[str, MethodResult], records: list[dict[str, Any]], extract_seconds: float,
-          store_dtype: str, seeds: Sequence[int], grid: bool | Collection[str]) -> None:
-    for label, result in results.items():
-        record = next(r for r in records if r["label"] == label)
-        save_adapter(out_dir / label, result.model, task.classes,
-                     extra={"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
-                            "result": record})
+def _save_method(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, result: MethodResult,
+                 record: dict[str, Any], store_dtype: str) -> None:
+    save_adapter(out_dir / record["label"], result.model, task.classes,
+                 extra={"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
+                        "spec": record["spec"], "seed": record["adapter_seed"], "result": record})
+
+
+def _save_results(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, store: ActivationStore | None,
+                  records: list[dict[str, Any]], extract_seconds: float, store_dtype: str,
+                  seeds: Sequence[int], grid: Any) -> None:
     context = {
         "task": task.name, "task_root": str(task.root), "backbone": net.name,
         "weights_hash": net.weights_hash, "image_size": net.image_size,
@@ -200,7 +372,8 @@ def _save(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, store: Act
         "test_images": len(task.splits.get("test", [])),
         "store": str(store.path) if store else None, "extract_seconds_this_run": round(extract_seconds, 1),
         "features_from": getattr(net, "origin", "local backbone"),
-        "seeds": list(seeds), "grid_search": grid if isinstance(grid, bool) else sorted(grid),
+        "seeds": list(seeds),
+        "grid_search": grid if isinstance(grid, (bool, dict)) else sorted(grid),
     }
     write_results(out_dir, records, context)
 

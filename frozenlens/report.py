@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from frozenlens.atomic import write_json, write_text
 from frozenlens.methods import config_to_dict
-from frozenlens.train.protocol import MethodResult
+from frozenlens.protocol import MethodResult
 
 COLUMNS = ["method", "test acc", "best val acc", "epochs", "trainable params", "train time (s)",
            "peak mem (MB)", "taps KB/img"]
@@ -46,7 +46,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         val = "—" if r["best_val_accuracy"] is None else f"{100 * r['best_val_accuracy']:.2f}"
-        cells = [r["label"], _fmt_acc(r), val, str(r["train_config"]["epochs"]), f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}",
+        cells = [r.get("spec", r["label"]), _fmt_acc(r), val, str(r["train_config"]["epochs"]), f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}",
                  f"{r['peak_memory_mb']:.0f}", f"{r['store_bytes_per_image'] / 1024:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -65,3 +65,12 @@ def shared_task(name: str) -> Path:
         pytest.skip(f"real task {name!r} not found at {path} (../shared/data is absent on this machine)")
     return path
 
+
+
+def adapter_folder(out: Path, spec: str) -> Path:
+    """The adapter folder ``frozenlens fit --out OUT`` wrote for method spec ``spec`` (from results.json)."""
+    import json
+
+    records = json.loads((out / "results.json").read_text())["results"]
+    (label,) = [r["label"] for r in records if r.get("spec", r["label"]) == spec]
+    return out / label

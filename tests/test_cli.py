@@ -22,7 +22,7 @@ def test_fit_writes_adapters_and_results_then_predict(tiny_task, tmp_path, capsy
     out = tmp_path / "run"
     assert _fit(tiny_task, out, "--grid", "--seeds", "0,1") == 0
     printed = capsys.readouterr().out
-    assert "| linear |" in printed and "| head2toe-keep_fraction=0.2 |" in printed
+    assert "| linear |" in printed and "| head2toe:keep_fraction=0.2 |" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["context"]["grid_search"] is True
     linear = results["results"][0]
@@ -34,7 +34,9 @@ def test_fit_writes_adapters_and_results_then_predict(tiny_task, tmp_path, capsy
     assert meta["backbone"]["name"] == TINY_BACKBONE and meta["classes"] == ["red", "green", "blue"]
 
     images = sorted((tiny_task / "images" / "blue").glob("test_*.png"))[:3]
-    assert main(["predict", str(adapter), str(out / "head2toe-keep_fraction=0.2"),
+    (head2toe,) = out.glob("head2toe-keep_fraction=0.2-*")
+    assert json.loads((head2toe / "adapter.json").read_text())["spec"] == "head2toe:keep_fraction=0.2"
+    assert main(["predict", str(adapter), str(head2toe),
                  *map(str, images), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 6
@@ -46,7 +48,7 @@ def test_predict_matches_the_stored_path(tiny_task, tmp_path, capsys):
     """An adapter predicts the same from a fresh backbone pass as from the store it trained on."""
     import frozenlens
     from frozenlens.adapter import load_adapter
-    from frozenlens.train.protocol import split_data
+    from frozenlens.protocol import split_data
     from frozenlens.train.trainer import predict_logits
 
     report = frozenlens.fit(tiny_task, ["head2toe"], backbone=TINY_BACKBONE, img_size=32, epochs=5,

@@ -206,7 +206,7 @@ def test_protocol_on_tiny_task_selects_on_holdout_and_beats_chance(tiny_task, ti
     from frozenlens.data import load_task
     from frozenlens.methods import get_method
     from frozenlens.store import extract
-    from frozenlens.train.protocol import run_protocol
+    from frozenlens.protocol import run_protocol
 
     task = load_task(tiny_task)
     config = make_config("inca")

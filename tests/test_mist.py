@@ -15,6 +15,7 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, make_config, method_names
 from frozenlens.methods.mist import (VIT_B16, LowRankAttentionBlock, gather, gather_candidates,
                                      gather_key, gather_taps, gathered_data)
+from tests.conftest import adapter_folder
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, evaluate
 
@@ -223,14 +224,14 @@ def test_cli_fits_mist_and_last_then_predicts(tiny_task, tmp_path, capsys):
     assert main(["fit", str(tiny_task), "--backbone", TINY_BACKBONE, "--img-size", "32", "--out", str(out),
                  "--method", "mist", "--method", "last:qkv_dim=8", "--epochs", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "| mist |" in printed and "| last-qkv_dim=8 |" in printed
-    results = {r["label"]: r for r in json.loads((out / "results.json").read_text())["results"]}
-    assert results["mist"]["test_accuracies"] and results["last-qkv_dim=8"]["test_accuracies"]
+    assert "| mist |" in printed and "| last:qkv_dim=8 |" in printed
+    results = {r["spec"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert results["mist"]["test_accuracies"] and results["last:qkv_dim=8"]["test_accuracies"]
     meta = json.loads((out / "mist" / "adapter.json").read_text())
     assert meta["config"]["gather_depth"] in (4, 8, 12)
     assert meta["taps"] == [t.key for t in gather_taps(12, meta["config"]["gather_depth"])]
     image = next((tiny_task / "images" / "green").glob("test_*.png"))
-    assert main(["predict", str(out / "mist"), str(out / "last-qkv_dim=8"), str(image), "--json"]) == 0
+    assert main(["predict", str(out / "mist"), str(adapter_folder(out, "last:qkv_dim=8")), str(image), "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 

@@ -16,6 +16,7 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, get_method, method_names
 from frozenlens.train.images import ImageData
 from frozenlens.train.trainer import TrainConfig, count_trainable
+from tests.conftest import adapter_folder
 
 PETL = ["full", "partial", "bitfit", "lora", "vpt-shallow", "vpt-deep", "adaptformer", "vqt+vpt", "vqt+adaptformer"]
 STARTS_AT_BACKBONE = ["full", "partial", "bitfit", "lora", "adaptformer"]
@@ -174,7 +175,7 @@ def test_vqt_on_adaptformer_reads_adapted_blocks_and_keeps_stage_one(tiny_backbo
     inputs = {}
     with torch.no_grad():
         tokens = combo.petl.tokens(batch["images"], inputs=inputs)
-        from frozenlens.methods.query_attention import input_taps
+        from frozenlens.methods.vqt.query_attention import input_taps
         taps = {t.key: inputs[i] for i, t in enumerate(input_taps(tiny_backbone.depth))}
         taps["final:cls"] = tokens[:, 0]
         frozen_blocks = combo.vqt.classify(combo.vqt.features(taps, normed=False))
@@ -209,9 +210,9 @@ def test_cli_fits_and_predicts_petl_methods(tiny_task, tmp_path, capsys):
                  "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert [r["label"] for r in results["results"]] == ["lora-epochs=1,batch_size=16", "vpt-deep-epochs=1,num_prompts=2"]
+    assert [r["spec"] for r in results["results"]] == ["lora:epochs=1,batch_size=16", "vpt-deep:epochs=1,num_prompts=2"]
     assert results["context"]["store"] is None and "activation store" not in capsys.readouterr().out
     image = next((tiny_task / "images" / "red").glob("test_*.png"))
-    assert main(["predict", str(out / "vpt-deep-epochs=1,num_prompts=2"), str(image), "--json"]) == 0
+    assert main(["predict", str(adapter_folder(out, "vpt-deep:epochs=1,num_prompts=2")), str(image), "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["image"] == str(image) and len(line["top"]) == 3

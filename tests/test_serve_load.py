@@ -6,7 +6,7 @@ import pytest
 
 from frozenlens.errors import FrozenlensError
 from frozenlens.serve.app import Limits, create_app
-from frozenlens.serve.loadtest import LoadTest
+from benchmarks.loadtest import LoadTest
 from tests.test_serve_remote import LiveServer
 
 TOKEN = "load-token"

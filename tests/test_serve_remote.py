@@ -164,7 +164,7 @@ def test_client_refuses_a_wrong_token_and_a_different_backbone(server, tiny_task
         RemoteTaps.connect(server.url, TOKEN).tap_shape(Tap("block.2"))
     code = main(["fit", str(tiny_task), "--remote", server.url, "--token", TOKEN, "--method", "vqt",
                  "--epochs", "1", "--out", str(tmp_path / "x")])
-    assert code == 2 and "does not serve" in capsys.readouterr().err
+    assert code == 2 and "need the backbone on this machine" in capsys.readouterr().err  # before any fetch
 
 
 _CLIENT = textwrap.dedent("""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from frozenlens.backbones.hooks import attention
 from frozenlens.methods import build_method
-from frozenlens.methods.toast import FeatureSelection, FeedbackPlan
+from frozenlens.methods.toast.model import FeatureSelection, FeedbackPlan
 from frozenlens.train.trainer import count_trainable
 
 
@@ -282,7 +284,7 @@ def test_fit_trains_the_intended_parameters_and_nothing_else(tiny_backbone, tiny
 
 
 def test_variational_loss_trains_feed_down_to_invert_its_block(tiny_backbone):
-    from frozenlens.methods.toast_pretune import VARIATIONAL_WEIGHT, variational_objective
+    from frozenlens.methods.toast.pretune import VARIATIONAL_WEIGHT, variational_objective
 
     method = build_method("toast", {"feedback": "early"}, tiny_backbone, 3)
     _strong_feedback(method)
@@ -326,8 +328,11 @@ def test_pretune_then_fit_from_it_through_the_cli(tiny_task, tmp_path, capsys):
     out = tmp_path / "fit"
     assert main(["fit", str(tiny_task), "--out", str(out), "--method",
                  f"toast-lite:pretuned={pretuned},epochs=2,feedback=late", *backbone]) == 0
-    label = f"toast-lite-pretuned={pretuned},epochs=2,feedback=late"
-    fitted = load_file(str(out / label / "adapter.safetensors"))
+    printed = capsys.readouterr().out
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert record["spec"] == f"toast-lite:pretuned={pretuned},epochs=2,feedback=late"
+    assert "/" not in record["label"] and str(out / record["label"]) in printed  # the CLI names the folder
+    fitted = load_file(str(out / record["label"] / "adapter.safetensors"))
     for key in ("feedback.11.feed_down.weight", "feedback.6.top_down.weight"):  # frozen in Lite
         assert torch.equal(fitted[key], stored[key])
     assert not torch.equal(fitted["selection.task_embedding"], stored["selection.task_embedding"])
@@ -380,7 +385,7 @@ def test_explain_writes_attention_pngs(tiny_backbone, tiny_task, tmp_path, capsy
 
 def test_attention_maps_are_cls_to_patch_attention_of_the_last_block(tiny_backbone):
     from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
-    from frozenlens.explain import toast_attention_maps
+    from frozenlens.methods.toast.explain import toast_attention_maps
 
     method = build_method("toast", None, tiny_backbone, 3)
     image = _images(tiny_backbone, count=1)

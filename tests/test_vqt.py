@@ -13,12 +13,12 @@ from frozenlens.cli import main
 from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, make_config
-from frozenlens.methods.query_attention import forward_with_queries, input_taps, query_block
+from frozenlens.methods.vqt.query_attention import forward_with_queries, input_taps, query_block
 from frozenlens.store import extract
-from frozenlens.train.live import LiveTaps
-from frozenlens.train.protocol import split_data
+from benchmarks.live_taps import LiveTaps
+from frozenlens.protocol import split_data
 from frozenlens.train.trainer import TrainConfig, predict_logits
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_BACKBONE, adapter_folder
 
 FAST = TrainConfig(optimizer="adam", epochs=3, warmup_epochs=1, batch_size=8, lr=0.02, seed=5)
 
@@ -99,7 +99,7 @@ def test_training_from_store_equals_training_in_the_loop(tiny_task, tiny_backbon
 
 def test_low_memory_fit_holds_no_normed_copy_and_trains_the_same_model(tiny_task, tiny_backbone, monkeypatch):
     from frozenlens.api import fit
-    from frozenlens.methods.vqt import VQT
+    from frozenlens.methods.vqt.model import VQT
 
     in_memory = fit(tiny_task, ["vqt:epochs=2"], backbone=tiny_backbone, progress=False)
     monkeypatch.setattr(VQT, "normed_inputs", lambda *a, **k: pytest.fail("normed copy built from streamed taps"))
@@ -156,6 +156,6 @@ def test_cli_fit_and_predict_vqt(tiny_task, tmp_path, capsys):
     assert results["results"][0]["test_accuracy_mean"] > 0.6  # colour task, chance 1/3
     image = sorted((tiny_task / "images" / "green").glob("test_*.png"))[0]
     capsys.readouterr()
-    assert main(["predict", str(out / "vqt-num_queries=2"), str(image), "--json"]) == 0
+    assert main(["predict", str(adapter_folder(out, "vqt:num_queries=2")), str(image), "--json"]) == 0
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["top"][0][0] in ("red", "green", "blue")

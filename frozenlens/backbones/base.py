@@ -49,6 +49,11 @@ class FrozenBackbone(nn.Module):
 
     # -- facts about the architecture ---------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights are (inputs must be moved there)."""
+        return next(self.model.parameters()).device
+
+    @property
     def dim(self) -> int:
         """Token width D."""
         return int(self.model.embed_dim)
@@ -133,7 +138,7 @@ class FrozenBackbone(nn.Module):
         gathers = _gathers_by_depth(taps, self.depth)
         wanted = _sites_by_position([t for t in taps if t.gather_depth is None], self.depth)
         out: dict[str, torch.Tensor] = {}
-        x = self.embed(images)
+        x = self.embed(images.to(self.device))
         total = x.float() if gathers else None
         self._record(out, wanted.get(-1, ()), x)
         last = max([*wanted, max(gathers, default=0) - 1]) if wanted or gathers else -1

@@ -247,7 +247,7 @@ def mlp_branch(index: int, branch: Callable[[torch.Tensor], torch.Tensor]) -> di
     where ``h`` is the residual stream after attention. It wraps ``norm2`` (to see
     ``h``) and ``drop_path2`` (to add the branch), so timm's own ``Block.forward``
     still runs, and so does any code that calls the sub-layers in that order
-    (:func:`frozenlens.methods.query_attention.query_block`).
+    (:func:`frozenlens.methods.vqt.query_attention.query_block`).
     """
     seen = _Seen()
     return {f"blocks.{index}.norm2": lambda norm2: _Tee(norm2, seen),

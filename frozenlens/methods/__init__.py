@@ -10,6 +10,7 @@ from frozenlens.methods.base import (
     config_to_dict,
     get_method,
     make_config,
+    method_for_config,
     method_names,
     register,
 )
@@ -22,4 +23,4 @@ from frozenlens.methods import toast as _toast  # noqa: F401  (registers)
 from frozenlens.methods import vqt as _vqt  # noqa: F401  (registers)
 
 __all__ = ["Method", "build_method", "config_to_dict", "get_method", "make_config",
-           "method_names", "register"]
+           "method_for_config", "method_names", "register"]

@@ -8,6 +8,7 @@ adapter file), the backbone's description and the number of classes.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -17,7 +18,7 @@ from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, train
+from frozenlens.train.trainer import TrainConfig, seeded, train
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -44,6 +45,11 @@ class Method(nn.Module):
     :mod:`frozenlens.backbones.hooks`, on :attr:`frozen_backbone`. They must be
     built with the :class:`FrozenBackbone` itself, not its description.
     """
+
+    needs_backbone_modules: ClassVar[bool] = False
+    """True for store-trained methods that also run some of the backbone's own modules
+    (VQT passes its queries through every frozen block): they train only where the
+    backbone is loaded, not from a ``--remote`` feature server's taps."""
 
     def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
         super().__init__()
@@ -93,13 +99,14 @@ class Method(nn.Module):
     def reset_trainable(self, seed: int) -> None:
         """Re-initialise every module that owns trainable parameters, from ``seed``.
 
-        Fitting starts here, so the same seed gives the same model.
+        Fitting starts here, so the same seed gives the same model. The global
+        random state is forked, so the caller's is left as it was.
         """
-        torch.manual_seed(seed)
-        for module in self.modules():
-            owns = any(p.requires_grad for p in module.parameters(recurse=False))
-            if owns and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        with seeded(seed):
+            for module in self.modules():
+                owns = any(p.requires_grad for p in module.parameters(recurse=False))
+                if owns and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
 
     def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
             progress: bool = False) -> list[float]:
@@ -123,6 +130,15 @@ def get_method(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise FrozenlensError(f"unknown method {name!r}: choose from {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def method_for_config(config: Any) -> str:
+    """Name of the method whose config class is exactly ``type(config)``."""
+    for name, cls in _REGISTRY.items():
+        if type(config) is cls.config_class:
+            return name
+    raise FrozenlensError(f"{type(config).__name__} is not the config of any method; "
+                          f"methods: {', '.join(sorted(_REGISTRY))}")
 
 
 def method_names() -> list[str]:
@@ -181,7 +197,7 @@ def convert_setting(text: str, default: Any, key: str) -> Any:
             return text.lower() in ("true", "1", "yes")
         if isinstance(default, (tuple, list)):
             kind = type(default[0]) if default else float
-            return tuple(kind(part) for part in text.split(",") if part)
+            return tuple(kind(part) for part in re.split(r"[+,]", text) if part.strip())
         return type(default)(text) if default is not None else text
     except ValueError as err:
         raise FrozenlensError(

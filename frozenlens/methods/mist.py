@@ -37,7 +37,7 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, count_trainable, train
+from frozenlens.train.trainer import TrainConfig, count_trainable, seeded, train
 
 EMBED_KEY = "embed:tokens"
 POOLS = ("cls", "mean")
@@ -220,8 +220,8 @@ class SideNetwork(Method):
 
     def reset_trainable(self, seed: int) -> None:
         """Re-initialise every block and the head from ``seed`` (see :func:`init_side_network`)."""
-        torch.manual_seed(seed)
-        init_side_network(self)
+        with seeded(seed):
+            init_side_network(self)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters of the attention blocks, of the head (LayerNorm + linear), and in all."""

@@ -17,6 +17,8 @@ its per-block adapters stacked in one model).
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -31,6 +33,8 @@ from frozenlens.train.trainer import TrainConfig, predict_logits
 if TYPE_CHECKING:
     from frozenlens.methods.base import Method
 
+
+_log = logging.getLogger("frozenlens")
 
 def selection_split(data: TapData, val: TapData | None, holdout_fraction: float,
                     seed: int) -> tuple[TapData, TapData]:
@@ -94,7 +98,7 @@ def fit_selecting(method: "Method", setting: str, candidates: Sequence[Any], dat
         accuracy, loss = accuracy_and_loss(sibling, rank_on, cfg.batch_size, cfg.device)
         selection.accuracy[value], selection.loss[value] = accuracy, loss
         if progress:
-            print(f"  {method.name} {setting}={value}: held-out accuracy {accuracy:.4f}")
+            _log.info("  %s %s=%s: held-out accuracy %.4f", method.name, setting, value, accuracy)
         if best is None or (-accuracy, loss) < (-selection.accuracy[best[0]], selection.loss[best[0]]):
             best = (value, sibling)
     selection.chosen, winner = best

@@ -7,6 +7,7 @@ an ``evaluate`` that returns accuracy and logits.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
@@ -16,7 +17,6 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from frozenlens.train.allocator import reuse_freed_memory
 from frozenlens.train.data import TapData
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -50,6 +50,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON reports."""
         return asdict(self)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch's global generators for the block, then restore them (no process-wide effect)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -106,8 +115,12 @@ def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool =
     (the sum of per-adapter losses). ``data`` is anything with ``batches`` and
     ``len`` (:class:`TapData`, or a source that computes taps live).
     """
-    reuse_freed_memory()
-    torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):  # dropout and other in-model randomness; the caller's state is restored
+        return _train(model, data, cfg, progress, desc, objective)
+
+
+def _train(model: nn.Module, data: TapData, cfg: TrainConfig, progress: bool, desc: str,
+           objective: Objective) -> list[float]:
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(cfg.device).train()
     optimizer = make_optimizer(trainable_parameters(model), cfg)

@@ -22,7 +22,7 @@ from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method
 from frozenlens.methods.layers import init_zero_head
 from frozenlens.train.images import IMAGES_KEY
-from frozenlens.train.trainer import TrainConfig
+from frozenlens.train.trainer import TrainConfig, seeded
 
 PETL_LRS = (5e-3, 1e-3, 5e-4, 1e-4)
 """AdamW learning rates searched for BitFit, LoRA and AdaptFormer (batch 64)."""
@@ -76,8 +76,8 @@ class InLoopMethod(Method):
 
     def reset_trainable(self, seed: int) -> None:
         """Every trainable part back to its initial state, drawn from ``seed``."""
-        torch.manual_seed(seed)
-        self.init_trainable()
+        with seeded(seed):
+            self.init_trainable()
 
     def init_trainable(self) -> None:
         """Initialise the method's own modules (subclasses extend it); the head at zero."""

@@ -234,7 +234,7 @@ def _source_md(files: dict[str, Path], source_desc: str, splits: dict, n_test: i
 
 ## Method
 
-Built by `frozenlens.data.build_fashion_mnist_task(out_dir, n_test={n_test})`
+Built by `examples.fashion_mnist.build_fashion_mnist_task(out_dir, n_test={n_test})` in the frozenlens repository
 (format version {FORMAT_VERSION}), deterministic:
 
 - train800 / val200: from the source train part (60000 images in the original), per class in label

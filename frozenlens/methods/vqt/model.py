@@ -3,7 +3,7 @@
 Every block ``l`` gets ``T`` learnable query tokens. They produce only
 queries: keys and values come from the block's original input tokens, so the
 backbone's activations stay exactly what they were (see
-:mod:`frozenlens.methods.query_attention`). The query rows go through the rest
+:mod:`frozenlens.methods.vqt.query_attention`). The query rows go through the rest
 of the frozen block, and their outputs summarise block ``l``. A linear head
 reads the final CLS token plus every block's summary, each L2-normalised and
 concatenated (or, with ``aggregate="weighted_sum"``, summed with learned
@@ -36,9 +36,9 @@ from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import group_lasso
 from frozenlens.methods.layers import init_kaiming_head as _init_head
 from frozenlens.methods.layers import patch_area as _patch_area
-from frozenlens.methods.query_attention import check_block, input_taps, query_block
+from frozenlens.methods.vqt.query_attention import check_block, input_taps, query_block
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, train
+from frozenlens.train.trainer import TrainConfig, seeded, train
 
 AGGREGATES = ("concat", "weighted_sum")
 CLS_KEY = "final:cls"
@@ -78,6 +78,7 @@ class VQT(Method):
 
     name = "vqt"
     config_class = VQTConfig
+    needs_backbone_modules = True
     summary = ("query-only tokens summarise every block (activations untouched); linear head on "
                "final CLS + summaries")
     train_defaults = TrainConfig(optimizer="adam", lr=0.05, weight_decay=1e-4, epochs=100,
@@ -114,8 +115,8 @@ class VQT(Method):
 
     def reset_trainable(self, seed: int) -> None:
         """Re-initialise queries, summary weights and head from ``seed``."""
-        torch.manual_seed(seed)
-        self._init_trainable()
+        with seeded(seed):
+            self._init_trainable()
 
     def _init_trainable(self) -> None:
         """Queries uniform in +-sqrt(6 / (3 * patch_area + D)) as in VPT/VQT; head as the official code."""
@@ -179,7 +180,7 @@ class VQT(Method):
 
         ``data`` is a :class:`TapData` (from the store: ``norm1`` of every block input
         is computed once, then every epoch reads it) or any source with the same
-        ``batches`` interface, e.g. :class:`frozenlens.train.live.LiveTaps`. Streamed
+        ``batches`` interface, e.g. :class:`benchmarks.live_taps.LiveTaps`. Streamed
         tap data (``TapData.streamed``) stays on disk: ``norm1`` is then applied per
         minibatch, as in the backbone, instead of to an in-memory copy of every input.
         """
@@ -201,12 +202,14 @@ class VQT(Method):
         as the raw inputs, and faster to gather per batch than float32); computed in float32.
         """
         blocks = self.frozen_backbone.model.blocks
+        device = self.frozen_backbone.device
         features = {CLS_KEY: data.features[CLS_KEY]}
         for layer, key in enumerate(self._input_keys(False)):
             raw = data.features[key]
             out = torch.empty(raw.shape, dtype=raw.dtype)
             for start in range(0, raw.shape[0], chunk):
-                out[start:start + chunk] = blocks[layer].norm1(raw[start:start + chunk].float())
+                normed = blocks[layer].norm1(raw[start:start + chunk].to(device).float())
+                out[start:start + chunk] = normed.to(out.dtype).cpu()
             features[NORMED_PREFIX + str(layer)] = out
         return TapData(features, data.labels, data.num_classes)
 
@@ -216,8 +219,8 @@ class VQT(Method):
                            source.num_classes)
         head_cfg = cfg.updated(lr=cfg.lr * 0.5)
         selector = _FeatureHead(nn.Linear(self.feature_count(), self.num_classes), self.config.group_lasso)
-        torch.manual_seed(cfg.seed)
-        _init_head(selector.linear)
+        with seeded(cfg.seed):
+            _init_head(selector.linear)
         losses = train(selector, features, head_cfg, progress=progress, desc=f"{self.name} select")
         scores = selector.linear.weight.detach().square().sum(0)
         self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Any
+
+from frozenlens.cli.common import add_backbone_args
 
 
-def add_toast_parsers(sub: argparse._SubParsersAction,
-                      add_backbone_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``pretune`` and ``explain`` to the subcommands ``sub``."""
+def add_parsers(sub: Any) -> None:
+    """Register ``pretune`` and ``explain``."""
     pretune = sub.add_parser(
         "pretune", help="pre-tune TOAST's top-down modules on a general image collection",
         description="Train TOAST's feature selection and feedback path with the backbone frozen on "
@@ -29,6 +30,7 @@ def add_toast_parsers(sub: argparse._SubParsersAction,
     pretune.add_argument("--epochs", type=int, help="override the pre-tuning epochs (default: 30)")
     pretune.add_argument("--seed", type=int, default=0)
     add_backbone_args(pretune)
+    pretune.set_defaults(run=run_pretune)
 
     explain = sub.add_parser(
         "explain", help="save TOAST's pass-1 and pass-2 attention maps of images as PNG",
@@ -40,11 +42,12 @@ def add_toast_parsers(sub: argparse._SubParsersAction,
     explain.add_argument("--out", required=True, help="folder for the PNG files")
     explain.add_argument("--backbone", help="override the backbone recorded in the adapter")
     explain.add_argument("--device", default="cpu")
+    explain.set_defaults(run=run_explain)
 
 
 def run_pretune(args: argparse.Namespace) -> int:
     """``frozenlens pretune``."""
-    from frozenlens.methods.toast_pretune import pretune_from_cli
+    from frozenlens.methods.toast.pretune import pretune_from_cli
 
     out = pretune_from_cli(args.method, args.data, Path(args.out), backbone=args.backbone, arch=args.arch,
                            img_size=args.img_size, epochs=args.epochs, seed=args.seed, device=args.device)
@@ -54,7 +57,7 @@ def run_pretune(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     """``frozenlens explain``."""
-    from frozenlens.explain import explain
+    from frozenlens.methods.toast.explain import explain
 
     for path in explain(args.adapter, args.images, args.out, backbone=args.backbone, device=args.device):
         print(path)

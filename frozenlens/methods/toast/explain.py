@@ -113,10 +113,7 @@ def _upsampled(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _save_figures(stem: Path, picture: np.ndarray, maps: AttentionMaps, label: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry is touched
 
     size = picture.shape[:2]
     panels = [("pass 1 attention (block %d)" % maps.pass1_block, maps.pass1),
@@ -124,10 +121,12 @@ def _save_figures(stem: Path, picture: np.ndarray, maps: AttentionMaps, label: s
               ("pass 2 attention (block %d)" % maps.pass2_block, maps.pass2)]
     written = []
     for suffix, (title, grid_map) in (("pass1", panels[0]), ("pass2", panels[2])):
-        figure, axis = plt.subplots(figsize=(4, 4))
+        figure = Figure(figsize=(4, 4))
+        axis = figure.subplots()
         _overlay(axis, picture, _upsampled(grid_map, size), title)
         written.append(_write(figure, stem.with_name(f"{stem.name}_{suffix}.png")))
-    figure, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    figure = Figure(figsize=(16, 4.4))
+    axes = figure.subplots(1, 4)
     axes[0].imshow(picture)
     axes[0].set_title("image")
     axes[0].axis("off")
@@ -146,9 +145,6 @@ def _overlay(axis, picture: np.ndarray, heat: np.ndarray, title: str) -> None:
 
 
 def _write(figure, path: Path) -> Path:
-    from matplotlib import pyplot as plt
-
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path

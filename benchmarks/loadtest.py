@@ -9,7 +9,7 @@ features a lone float32 request for that image returned before the load (so
 batching never mixes rows between requests). The test stops by itself when the
 requests are spent.
 
-    python -m frozenlens.serve.loadtest http://127.0.0.1:8765 --token T --requests 400 --clients 16
+    python benchmarks/loadtest.py http://127.0.0.1:8765 --token T --requests 400 --clients 16
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def _ok(response: httpx.Response) -> httpx.Response:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the test against a server and print the report as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m frozenlens.serve.loadtest", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/loadtest.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url")
     parser.add_argument("--token", required=True)

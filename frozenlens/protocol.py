@@ -12,6 +12,8 @@ that run the backbone in the loop (``Method.in_loop``) get :class:`ImageData`
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import itertools
 import statistics
@@ -28,6 +30,8 @@ from frozenlens.train.images import ImageData
 from frozenlens.train.measure import Measure
 from frozenlens.train.trainer import TrainConfig, count_trainable, evaluate
 
+
+_log = logging.getLogger("frozenlens")
 
 @dataclass
 class MethodResult:
@@ -171,7 +175,7 @@ def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str,
         accuracy = evaluate(model, data.get("val", model), cfg.device)
         rows.append({**point, "val_accuracy": accuracy})
         if progress:
-            print(f"  {probe.name} {point} val={accuracy:.4f}")
+            _log.info("  %s %s val=%.4f", probe.name, point, accuracy)
         if accuracy > best_acc:
             best, best_acc = (cfg, config), accuracy
     return rows, best[0], best[1]

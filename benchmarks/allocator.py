@@ -7,7 +7,7 @@ just released; on a 2-core CPU that was about half of a VQT epoch. Switching
 ``mmap`` off for ``malloc`` and raising the trim threshold makes freed blocks
 reusable, the same effect PyTorch's CPU performance guide gets from jemalloc or
 tcmalloc. The resident set then stays near its peak instead of shrinking
-between batches. Set ``FROZENLENS_MALLOC=default`` to keep glibc's defaults.
+between batches. Benchmarks opt in through ``common.py``; set ``FROZENLENS_MALLOC=default`` to keep glibc's defaults.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ stand-in. Pre-tune on a large general collection when you have one.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import Task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import build_method
-from frozenlens.methods.toast import TOAST
+from frozenlens.methods.toast.model import TOAST
 from frozenlens.train.images import IMAGES_KEY, ImageData
 from frozenlens.train.trainer import TrainConfig, train
 
@@ -142,6 +144,7 @@ def pretune_from_cli(spec: str, data: Sequence[str | Path], out: Path, *, backbo
     overrides = {**parsed.train_overrides(), **({"epochs": epochs} if epochs else {})}
     cfg = PRETUNE_DEFAULTS.updated(seed=seed, device=device, **overrides)
     result = pretune(tasks, net, config=parsed.method_settings, train_config=cfg, out=out)
-    print(f"pre-tuned on {result.images} images of {len(tasks)} task(s), {len(result.classes)} classes, "
-          f"{cfg.epochs} epochs in {result.seconds:.0f}s; final loss {result.losses[-1]:.4f}")
+    logging.getLogger("frozenlens").info(
+        "pre-tuned on %d images of %d task(s), %d classes, %d epochs in %.0fs; final loss %.4f",
+        result.images, len(tasks), len(result.classes), cfg.epochs, result.seconds, result.losses[-1])
     return out

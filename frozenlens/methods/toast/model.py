@@ -42,7 +42,7 @@ from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_in
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import init_kaiming_head
-from frozenlens.train.trainer import TrainConfig
+from frozenlens.train.trainer import TrainConfig, seeded
 
 FEEDBACK_MODES = ("full", "early", "late")
 
@@ -301,11 +301,11 @@ class TOAST(Method):
     def reset_trainable(self, seed: int) -> None:
         """Fresh modules from ``seed`` (xi normal, P identity, feedback truncated normal,
         head as the reference), then the pre-tuned modules when ``config.pretuned`` is set."""
-        torch.manual_seed(seed)
-        self.selection.reset_parameters()
-        for layer in self.feedback.values():
-            layer.reset_parameters()
-        _init_head(self.head)
+        with seeded(seed):
+            self.selection.reset_parameters()
+            for layer in self.feedback.values():
+                layer.reset_parameters()
+            _init_head(self.head)
         if self.config.pretuned:
             self.load_pretuned(self.config.pretuned)
 
