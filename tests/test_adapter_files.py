@@ -162,3 +162,19 @@ def test_atomic_write_keeps_the_old_file_on_any_error(tmp_path, monkeypatch):
         atomic.atomic_write(target, failing)
     assert json.loads(target.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_results_files_keep_their_previous_version_on_a_full_disk(tmp_path, monkeypatch):
+    from frozenlens.report import write_results
+
+    json_path, md_path = write_results(tmp_path, [], {"task": "first"})
+    before = (json_path.read_bytes(), md_path.read_bytes())
+
+    def full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "_fsync_file", full)
+    with pytest.raises(FrozenlensError, match=r"results\.json: no space left"):
+        write_results(tmp_path, [], {"task": "second"})
+    assert (json_path.read_bytes(), md_path.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
