@@ -139,8 +139,9 @@ def _layout_problem(meta: dict[str, Any]) -> str | None:
     classes = meta["classes"]
     if not classes or not all(isinstance(c, str) for c in classes):
         return "field 'classes' must be a non-empty list of class names (strings)"
-    if "num_classes" in meta and (type(meta["num_classes"]) is not int or meta["num_classes"] != len(classes)):
-        return f"field 'num_classes' is {meta['num_classes']!r}, expected {len(classes)} (the classes listed)"
+    count = meta.get("num_classes", len(classes))
+    if type(count) is not int or count != len(classes):
+        return f"field 'num_classes' is {count!r}, expected {len(classes)} (the classes listed)"
     taps = meta.get("taps", [])
     if not isinstance(taps, list) or not all(isinstance(t, str) for t in taps):
         return "field 'taps' must be a list of tap names (strings)"

@@ -72,7 +72,8 @@ def test_non_utf8_split_file_names_the_file(tmp_path, name):
 def test_non_utf8_metadata_file_names_the_file(tmp_path, meta):
     root = _image_folder(tmp_path / "task")
     shutil.rmtree(root / "dog")
-    line = "file_name,label\n0.png,caf\xe9\n" if meta.endswith("csv") else '{"file_name": "0.png", "label": "caf\xe9"}\n'
+    csv_line, json_line = "file_name,label\n0.png,caf\xe9\n", '{"file_name": "0.png", "label": "caf\xe9"}\n'
+    line = csv_line if meta.endswith("csv") else json_line
     (root / "cat" / meta).write_bytes(line.encode("latin-1"))
     with pytest.raises(DataError, match=rf"{meta}: not UTF-8 text"):
         load_task(root / "cat")

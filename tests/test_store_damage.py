@@ -73,11 +73,14 @@ def _extract(source: FakeSource, images: list[str], root: Path, **kwargs) -> Act
 
 
 _CONCURRENT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, time
     from tests.test_store_damage import FakeSource, TAPS
     from frozenlens.store import extract
-    source = FakeSource(delay=0.1)
+    source = FakeSource(delay=0.2)
     images = json.loads(sys.argv[1])
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[3]):  # both start extracting at the same moment
+        time.sleep(0.01)
     store = extract(source, images, TAPS, root=sys.argv[2], shard_size=5, batch_size=5, progress=False)
     print(json.dumps({"path": str(store.path), "batches": len(source.calls)}))
 """)
@@ -89,9 +92,13 @@ def test_concurrent_extractions_of_one_store_share_the_shards(tmp_path):
     images = _images(tmp_path)
     reference = _extract(FakeSource(), images, tmp_path / "reference")
     root = tmp_path / "shared"
-    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, json.dumps(images), str(root)],
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, json.dumps(images), str(root), str(go)],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    go.touch()
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -252,7 +252,8 @@ def quarantine_shard(store: Path, meta: dict, shard: int, *, full: bool = False)
             (store / COMPLETE).unlink(missing_ok=True)
         folder = shard_dir(store, shard)
         if folder.is_dir():
-            target = store / QUARANTINE / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            target = store / QUARANTINE / f"{folder.name}-{stamp}"
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(folder, target)
             problem += f"; moved to {target}"
