@@ -104,10 +104,14 @@ def write_shard(store: Path, shard: int, arrays: dict[str, np.ndarray]) -> bool:
 
 
 def _save_array(file: Path, array: np.ndarray) -> dict:
-    with open(file, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(file, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        err.filename = err.filename or str(file)  # name the file in the error
+        raise
     return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": file.stat().st_size,
             "blake2b": hash_file(file), "nonfinite": _nonfinite(array)}
 
@@ -251,7 +255,7 @@ def quarantine_shard(store: Path, meta: dict, shard: int, *, full: bool = False)
         with file_lock(store_lock_file(store)):
             (store / COMPLETE).unlink(missing_ok=True)
         folder = shard_dir(store, shard)
-        if folder.is_dir():
+        if folder.exists() or folder.is_symlink():
             stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             target = store / QUARANTINE / f"{folder.name}-{stamp}"
             target.parent.mkdir(parents=True, exist_ok=True)
