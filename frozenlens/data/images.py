@@ -39,8 +39,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 """Lower-case file suffixes treated as images when scanning folders."""
 
-_RASTER_PLUGINS = {"JPEG": "JpegImagePlugin", "PNG": "PngImagePlugin", "BMP": "BmpImagePlugin", "GIF": "GifImagePlugin", "TIFF": "TiffImagePlugin",
-                   "WEBP": "WebPImagePlugin", "PPM": "PpmImagePlugin"}
+_RASTER_PLUGINS = {"JPEG": "JpegImagePlugin", "PNG": "PngImagePlugin", "BMP": "BmpImagePlugin",
+                   "GIF": "GifImagePlugin", "TIFF": "TiffImagePlugin", "WEBP": "WebPImagePlugin",
+                   "PPM": "PpmImagePlugin"}
 
 
 def _register_raster_plugins() -> tuple[str, ...]:

@@ -9,11 +9,13 @@
     GET  /docs          renders it, on an insecure (loopback-only) server only
 
 Every request but health needs ``Authorization: Bearer <token>`` unless the app
-is created with ``insecure=True``; such an app answers loopback clients only (403). Refusals are JSON ``{"detail": "..."}`` with
-the status that says why: 400 malformed JSON, bad base64 or an undecodable image;
-401 missing or wrong token; 403 a non-loopback client of an insecure server; 413 body, batch or image too large; 415 not JSON;
-422 a request that parses but asks for something unknown (a feature, a gather
-depth k, a codec); 429 the queue is full; 503 shutting down. Requests from
+is created with ``insecure=True``; such an app answers loopback clients only.
+Refusals are JSON ``{"detail": "..."}`` with the status that says why: 400
+malformed JSON, bad base64 or an undecodable image (or not an allowed raster
+format); 401 missing or wrong token; 403 a non-loopback client of an insecure
+server; 413 body, batch or image too large; 415 not JSON; 422 a request that
+parses but asks for something unknown (a feature, a gather depth k, a codec);
+429 the queue is full; 503 shutting down. Requests from
 concurrent clients are merged into backbone passes (:mod:`frozenlens.serve.batching`).
 """
 
@@ -95,6 +97,7 @@ class FeatureRequest(BaseModel):
 _ERRORS = {
     400: "malformed JSON, bad base64, or an image that cannot be decoded",
     401: "missing or wrong bearer token",
+    403: "a non-loopback client of a server started without a token (--insecure)",
     413: "body, batch or image larger than the server's limits",
     415: "the body is not application/json",
     422: "unknown feature, gather depth k or codec, or a body of the wrong shape",
