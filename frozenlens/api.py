@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone
@@ -22,7 +24,7 @@ from frozenlens.methods import get_method, make_config, method_for_config
 from frozenlens.methods.base import convert_setting
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, TapSource, extract
-from frozenlens.train.images import IMAGES_KEY, preprocess
+from frozenlens.train.images import IMAGES_KEY, as_pil, preprocess
 from frozenlens.protocol import MethodResult, run_protocol
 from frozenlens.train.trainer import TrainConfig
 
@@ -387,9 +389,13 @@ class Prediction:
     top: list[tuple[str, float]]
 
 
+ImageInput = "str | Path | Image.Image | np.ndarray | torch.Tensor"
+"""What :func:`predict` classifies: image files, or decoded images in memory."""
+
+
 def predict(
     adapters: Sequence[str | Path],
-    images: Sequence[str | Path],
+    images: Sequence[ImageInput],
     *,
     backbone: str | FrozenBackbone | TapSource | None = None,
     top_k: int = 3,
@@ -398,10 +404,12 @@ def predict(
 ) -> list[Prediction]:
     """Classify ``images`` with one or more adapters, from one backbone pass per image.
 
-    All adapters must have been trained on the same backbone (checked by weights
-    hash). ``backbone`` defaults to the one recorded in the first adapter; a
+    ``images`` are files, or images in memory: PIL images, uint8 ``HxWxC`` arrays or
+    ``CxHxW`` tensors (their :attr:`Prediction.image` is ``"<image i>"``). All adapters
+    must have been trained on the same backbone (checked by weights hash).
+    ``backbone`` defaults to the one recorded in the first adapter; a
     :class:`~frozenlens.store.TapSource` (a feature server) computes the taps
-    remotely, checked against the same weights hash.
+    remotely, checked against the same weights hash (files only).
     """
     if not adapters:
         raise FrozenlensError("predict needs at least one adapter folder")
@@ -414,9 +422,12 @@ def predict(
     if needs_images and not isinstance(net, FrozenBackbone):
         raise FrozenlensError("in-loop adapters run the backbone: predict them with the backbone on this "
                               "machine, not a --remote feature server")
+    inputs = [Path(p) if isinstance(p, (str, Path)) else as_pil(p) for p in images]
+    if not isinstance(net, FrozenBackbone) and not all(isinstance(p, Path) for p in inputs):
+        raise FrozenlensError("a --remote feature server reads image files: save in-memory images first")
     predictions = []
-    for start in range(0, len(images), batch_size):
-        chunk = [Path(p) for p in images[start:start + batch_size]]
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
         with torch.inference_mode():
             pixels = preprocess(net, chunk, device) if isinstance(net, FrozenBackbone) else None
             values = _tap_values(net, chunk, pixels, taps, device) if taps else {}
@@ -427,7 +438,7 @@ def predict(
                     dtype = getattr(torch, meta.get("store_dtype", "float32"))
                     feats = {k: v.to(dtype).float() for k, v in values.items()}
                 probs = method.to(device)(feats).softmax(-1).cpu()
-                predictions += _top(chunk, str(folder), probs, meta["classes"], top_k)
+                predictions += _top(chunk, str(folder), probs, meta["classes"], top_k, start)
     return predictions
 
 
@@ -447,8 +458,9 @@ def _backbone_for(meta: dict[str, Any], name: str | None, device: str) -> Frozen
                          img_size=size, device=device)
 
 
-def _top(paths: list[Path], adapter: str, probs: torch.Tensor, classes: list[str],
-         k: int) -> list[Prediction]:
+def _top(images: list[Any], adapter: str, probs: torch.Tensor, classes: list[str],
+         k: int, first: int) -> list[Prediction]:
     values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [Prediction(str(p), adapter, [(classes[i], float(v)) for v, i in zip(vs, ids)])
-            for p, vs, ids in zip(paths, values.tolist(), indices.tolist())]
+    names = [str(p) if isinstance(p, Path) else f"<image {first + i}>" for i, p in enumerate(images)]
+    return [Prediction(name, adapter, [(classes[i], float(v)) for v, i in zip(vs, ids)])
+            for name, vs, ids in zip(names, values.tolist(), indices.tolist())]

@@ -11,7 +11,7 @@ from frozenlens.api import _check_remote as api_check_remote
 from frozenlens.methods.vqt import VQTConfig
 from frozenlens.train.trainer import TrainConfig
 from frozenlens.errors import FrozenlensError
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_BACKBONE, adapter_folder
 
 
 def test_method_spec_splits_method_and_training_settings():
@@ -93,3 +93,25 @@ def test_fit_saves_each_method_and_a_rerun_skips_finished_ones(tiny_task, tmp_pa
 def test_remote_vqt_is_refused_before_fetching():
     with pytest.raises(FrozenlensError, match="need the backbone on this machine"):
         api_check_remote(parse_specs(["linear", "vqt"]))
+
+
+def test_predict_reads_images_in_memory_like_files(tiny_task, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from frozenlens.api import predict
+
+    fit(tiny_task, ["linear:epochs=3"], backbone=TINY_BACKBONE, img_size=32, out=tmp_path / "r", progress=False)
+    adapter = adapter_folder(tmp_path / "r", "linear:epochs=3")
+    path = sorted((tiny_task / "images" / "green").glob("test_*.png"))[0]
+    picture = Image.open(path).convert("RGB")
+    array = np.array(picture)
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    from_file, *in_memory = predict([adapter], [path, picture, array, tensor], top_k=3)
+    assert [p.image for p in in_memory] == ["<image 1>", "<image 2>", "<image 3>"]
+    for p in in_memory:
+        assert [c for c, _ in p.top] == [c for c, _ in from_file.top]
+        assert dict(p.top) == pytest.approx(dict(from_file.top), abs=1e-6)
+    with pytest.raises(FrozenlensError, match="cannot read"):
+        predict([adapter], [object()])

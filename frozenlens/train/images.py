@@ -25,10 +25,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from frozenlens.backbones.base import FrozenBackbone
-from frozenlens.data import Task, load_image
+from frozenlens.data import Task, load_image, to_rgb
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.data import minibatch_indices, stratified_holdout
 
@@ -147,9 +148,31 @@ class ImageData:
             yield {IMAGES_KEY: self.images(idx, device)}, self.labels[idx].to(device)
 
 
-def preprocess(backbone: FrozenBackbone, paths: Sequence[str | Path],
+def preprocess(backbone: FrozenBackbone, images: Sequence[str | Path | Image.Image],
                device: str | torch.device = "cpu") -> torch.Tensor:
-    """Normalised float32 images of ``paths`` for ``backbone`` (what :class:`ImageData` yields)."""
+    """Normalised float32 images for ``backbone`` (what :class:`ImageData` yields), from files or
+    decoded images (:func:`as_pil` turns arrays and tensors into those)."""
     pipeline = PixelPipeline(backbone.transform())
-    pixels = torch.stack([pipeline.to_pixels(load_image(p)) for p in paths])
+    pixels = torch.stack([pipeline.to_pixels(to_rgb(p) if isinstance(p, Image.Image) else load_image(p))
+                          for p in images])
     return pipeline.normalize(pixels.to(device))
+
+
+def as_pil(image: "Image.Image | np.ndarray | torch.Tensor") -> Image.Image:
+    """An in-memory image as a PIL image: ``HxW`` / ``HxWxC`` uint8 arrays, or ``CxHxW`` tensors
+    (uint8, or float in [0, 1]) as torchvision's ``to_pil_image`` reads them."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise FrozenlensError(f"image array of dtype {image.dtype} and shape {image.shape}: give uint8 "
+                                  "HxW or HxWxC (C = 1, 3 or 4)")
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if isinstance(image, torch.Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        if image.ndim not in (2, 3):
+            raise FrozenlensError(f"image tensor of shape {tuple(image.shape)}: give CxHxW or HxW")
+        return to_pil_image(image.detach().cpu())
+    raise FrozenlensError(f"cannot read {type(image).__name__} as an image: give a path, a PIL image, "
+                          "a uint8 array or a CxHxW tensor")
