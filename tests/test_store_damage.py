@@ -362,3 +362,18 @@ def test_fingerprint_refuses_special_files_without_hanging(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(FrozenlensError, match="loop.png: cannot read"):
         images_fingerprint([str(loop)], cache_file=tmp_path / "c.json")
+
+
+def test_cli_extract_verify_repairs_a_damaged_shard(tiny_task, tmp_path, monkeypatch, capsys):
+    from frozenlens.cli import main
+
+    monkeypatch.setenv("FROZENLENS_CACHE", str(tmp_path / "cache"))
+    argv = ["extract", str(tiny_task), "--tap", "final:cls", "--backbone", "random:vit_tiny_patch16_224",
+            "--img-size", "32"]
+    assert main(argv) == 0
+    store_dir = next((tmp_path / "cache" / "stores").glob("*/meta.json")).parent
+    before = _store_bytes(store_dir)
+    _corrupt_bytes(next((store_dir / "shards" / "000000").glob("final__cls.npy")))
+    assert main(argv + ["--verify"]) == 0
+    assert list((store_dir / "quarantine").iterdir())
+    assert _store_bytes(store_dir) == before

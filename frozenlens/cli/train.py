@@ -36,6 +36,10 @@ def add_parsers(sub: Any) -> None:
                          help="extra tap, e.g. block.3:tokens or final:cls (repeatable)")
     extract.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
     extract.add_argument("--batch-size", type=int, default=32)
+    extract.add_argument("--verify", action="store_true",
+                         help="check every shard of an existing store against the hashes recorded "
+                              "when it was written (and for NaN/inf); damaged shards are set aside "
+                              "in quarantine/ and re-extracted")
     add_backbone_args(extract)
     extract.set_defaults(run=run_extract)
 
@@ -108,6 +112,7 @@ def run_extract(args: argparse.Namespace) -> int:
     for spec in map(MethodSpec.parse, args.methods or ([] if taps else ["linear"])):
         taps |= set(get_method(spec.name).taps(spec.config(), net.describe()))
     store = extract(net, [str(i.path) for i in task.all_images()], sorted(taps),
-                    dtype=args.store_dtype, batch_size=args.batch_size, device=args.device)
+                    dtype=args.store_dtype, batch_size=args.batch_size, device=args.device,
+                    verify=args.verify)
     print(f"store: {store.path} ({store.num_images} images, {store.bytes_per_image / 1024:.1f} KB/img)")
     return 0
