@@ -350,7 +350,7 @@ def test_load_image_truncated_jpeg(tmp_path: Path) -> None:
 def test_load_image_not_an_image(tmp_path: Path) -> None:
     fake = tmp_path / "notes.jpg"
     fake.write_text("this is text, not a JPEG\n")
-    with pytest.raises(ImageError, match=rf"{fake}: cannot decode image"):
+    with pytest.raises(ImageError, match=rf"{fake}: not a supported raster image"):
         load_image(fake)
     with pytest.raises(ImageError, match="no such image file"):
         load_image(tmp_path / "absent.png")
