@@ -402,3 +402,22 @@ def test_connection_limits_are_validated():
         ConnectionLimits(max_connections=0)
     with pytest.raises(FrozenlensError, match="header_timeout_s"):
         ConnectionLimits(header_timeout_s=float("nan"))
+
+
+def test_keep_alive_and_pipelined_requests_are_not_cut_off(guarded_server):
+    """Requests on one kept-alive connection, two of them pipelined, all answered; none held as 'waiting'."""
+    url, port, _ = guarded_server
+    request = (b"GET /v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode() +
+               b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        time.sleep(1.0)
+        sock.sendall(request + request)  # pipelined
+        received = b""
+        deadline = time.monotonic() + 10
+        while received.count(b"HTTP/1.1 200") < 3 and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == 3, received[:300]

@@ -470,10 +470,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
                 self.waiting.pop(self, None)
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
             if not self.transport.is_closing():
                 self._expect_body = False
                 self._await_client()  # the next request's headers are due within the header timeout
+            super().on_response_complete()  # may start a pipelined request: handle_events disarms again
 
         # -- helpers ----------------------------------------------------------------------
         def _await_client(self) -> None:
