@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ import torch
 from PIL import Image
 
 from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
-from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone
+from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, check_device, load_backbone
+from frozenlens.backbones.taps import check_taps
 from frozenlens.data import Task, load_task
-from frozenlens.errors import FrozenlensError
+from frozenlens.errors import ConfigError, FrozenlensError
 from frozenlens.methods import get_method, make_config, method_for_config
 from frozenlens.methods.base import convert_setting
 from frozenlens.report import result_record, write_results
@@ -242,6 +244,20 @@ def fit(
     """
     task = data if isinstance(data, Task) else load_task(data)
     specs = parse_specs(methods)
+    # Every value is checked here, before the backbone is loaded or run.
+    if epochs is not None:
+        try:
+            TrainConfig(epochs=epochs)
+        except ConfigError as err:
+            raise ConfigError(f"--epochs/epochs: {err}") from None
+    for spec in specs:
+        _train_config(spec, epochs, device)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: images per backbone pass must be a whole number "
+                          "of at least 1")
+    if out:
+        _check_out(Path(out), specs)
+    check_device(device)
     net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
     remote = not isinstance(net, FrozenBackbone)
@@ -254,6 +270,8 @@ def fit(
     finished = _finished_runs(out_dir, run_keys) if out_dir else {}
     todo = [s for s in specs if s.label not in finished]
     taps = sorted({t for s in todo for t in get_method(s.name).taps(configs[s.label], info)})
+    if "depth" in info:
+        check_taps(taps, int(info["depth"]), str(info.get("name", "the backbone")))
     started = time.perf_counter()
     store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
                     batch_size=batch_size, progress=progress, device=device,
@@ -314,9 +332,9 @@ def _tunes(spec: MethodSpec, grid: bool | Collection[str] | dict[str, list[Any]]
 def _run_method(spec: MethodSpec, config: Any, store: ActivationStore | None, task: Task,
                 net: FrozenBackbone | TapSource, grid: Any, seeds: Sequence[int], epochs: int | None,
                 device: str, progress: bool, low_memory: bool) -> MethodResult:
-    method_class = get_method(spec.name)
-    overrides = {**({"epochs": epochs} if epochs else {}), **spec.train_overrides()}
-    cfg = method_class.train_defaults.updated(device=device, **overrides)
+    cfg, warning = _train_config(spec, epochs, device).short_run_warmup()
+    if warning:
+        _log.warning("%s: %s", spec.text, warning)
     tuned = _tunes(spec, grid)
     if progress:
         _log.info("training %s%s", spec.text, " (grid search on train/val)" if tuned else "")
@@ -324,6 +342,36 @@ def _run_method(spec: MethodSpec, config: Any, store: ActivationStore | None, ta
     return run_protocol(spec.name, config, store, task, net.describe() if remote else net,
                         train_config=cfg, grid=tuned, seeds=spec.seeds(seeds), progress=progress,
                         stream=low_memory)
+
+
+def _train_config(spec: MethodSpec, epochs: int | None, device: str) -> TrainConfig:
+    """The method's training config: its defaults, then ``epochs`` (when given), then the spec's settings.
+
+    Raises:
+        ConfigError: a value :class:`TrainConfig` refuses, naming the method spec.
+    """
+    overrides = {**({"epochs": epochs} if epochs is not None else {}), **spec.train_overrides()}
+    try:
+        return get_method(spec.name).train_defaults.updated(device=device, **overrides)
+    except ConfigError as err:
+        raise ConfigError(f"method {spec.text!r}: {err}") from None
+
+
+def _check_out(out_dir: Path, specs: Sequence[MethodSpec]) -> None:
+    """Refuse an ``out`` that cannot hold adapters, before any work (not when the first save fails)."""
+    for folder in (out_dir, *(out_dir / s.label for s in specs)):
+        if folder.exists() and not folder.is_dir():
+            raise FrozenlensError(f"--out {out_dir}: {folder} is an existing file, not a folder; give --out "
+                                  "a new or existing folder (adapters go in <out>/<method>/)")
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise FrozenlensError(f"--out {out_dir}: {existing} is a file, so the folder cannot be created; "
+                              "give --out a path under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FrozenlensError(f"--out {out_dir}: {existing} is not writable by this user; give --out a "
+                              "folder you can write to")
 
 
 def _run_key(spec: MethodSpec, config: Any, task: Task, net: FrozenBackbone | TapSource, seeds: Sequence[int],

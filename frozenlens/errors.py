@@ -29,3 +29,7 @@ class StoreError(FrozenlensError):
 
 class AdapterError(FrozenlensError):
     """An adapter file is missing, malformed or made for another backbone."""
+
+
+class ConfigError(FrozenlensError, ValueError):
+    """A training or method setting, or a command-line value, is out of range."""

