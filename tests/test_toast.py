@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
@@ -141,14 +140,17 @@ def test_only_the_intended_parameters_train(tiny_backbone):
     depth, dim = tiny_backbone.depth, tiny_backbone.dim
     toast = build_method("toast", None, tiny_backbone, 3)
     feedback = {f"feedback.{i}.{m}.weight" for i in range(depth) for m in ("feed_down", "top_down")}
-    assert _trainable(toast) == {"selection.task_embedding", "head.weight", "head.bias"} | feedback
+    assert _trainable(toast) == {"selection.task_embedding", "selection.channel_transform",
+                                 "head.weight", "head.bias"} | feedback      # paper: P tunes too
+    frozen_p = build_method("toast", {"tune_p": False}, tiny_backbone, 3)
+    assert _trainable(frozen_p) == {"selection.task_embedding", "head.weight", "head.bias"} | feedback
     lite = build_method("toast-lite", None, tiny_backbone, 3)
     lora = {f"feedback.{i}.{m}.lora_{f}" for i in range(depth) for m in ("feed_down", "top_down")
             for f in ("a", "b")}
     assert _trainable(lite) == {"selection.task_embedding", "selection.channel_transform",
                                 "head.weight", "head.bias"} | lora
     assert count_trainable(lite) == dim + dim * dim + 3 * dim + 3 + depth * 2 * 2 * 4 * dim
-    for method in (toast, lite):
+    for method in (toast, frozen_p, lite):
         method.passes(_images(tiny_backbone)).logits.logsumexp(1).sum().backward()
         assert all(p.grad is None for p in tiny_backbone.parameters())
         assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
@@ -242,7 +244,8 @@ def test_adapter_round_trip_holds_only_toast_modules(tiny_backbone, tmp_path):
         method = build_method(name, {"feedback": "late"}, tiny_backbone, 3)
         _strong_feedback(method, seed=3)
         save_adapter(tmp_path / name, method, ["a", "b", "c"])
-        loaded, meta = load_adapter(tmp_path / name, tiny_backbone)
+        adapter_ = load_adapter(tmp_path / name, tiny_backbone)
+        loaded, meta = adapter_.method, adapter_.meta
         assert meta["method"] == name and meta["config"]["feedback"] == "late"
         with torch.no_grad():
             assert torch.equal(loaded({"images": images}), method({"images": images}))
@@ -265,8 +268,8 @@ def test_fit_trains_the_intended_parameters_and_nothing_else(tiny_backbone, tiny
     hash_before = tiny_backbone.weights_hash
     cfg = TrainConfig(optimizer="sgd", lr=0.05, epochs=3, warmup_epochs=1, batch_size=16)
     for name, changed, unchanged in (
-        ("toast", ("feedback.11.feed_down.weight", "selection.task_embedding", "head.weight"),
-         ("selection.channel_transform",)),
+        ("toast", ("feedback.11.feed_down.weight", "selection.task_embedding",
+                   "selection.channel_transform", "head.weight"), ()),
         ("toast-lite", ("feedback.11.feed_down.lora_b", "selection.channel_transform", "head.weight"),
          ("feedback.11.feed_down.weight", "feedback.0.top_down.weight")),
     ):
@@ -281,6 +284,24 @@ def test_fit_trains_the_intended_parameters_and_nothing_else(tiny_backbone, tiny
     from frozenlens.backbones.base import state_dict_sha256
 
     assert state_dict_sha256(tiny_backbone.model) == hash_before
+
+
+def test_p_moves_in_training_by_default_and_stays_the_identity_with_tune_p_false(tiny_backbone, tiny_task):
+    from frozenlens.train.trainer import TrainConfig
+
+    data = _tiny_images(tiny_task, "train", tiny_backbone)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, weight_decay=0.0, epochs=1, warmup_epochs=0, batch_size=16)
+    eye = torch.eye(tiny_backbone.dim)
+    moved = {}
+    for settings in (None, {"tune_p": False}):
+        method = build_method("toast", settings, tiny_backbone, 3)
+        method.fit(data, cfg)
+        p = method.selection.channel_transform.detach()
+        moved[bool(settings is None)] = float((p - eye).abs().max())
+        if settings is not None:
+            assert torch.equal(p, eye)
+            assert method.selection.channel_transform.grad is None
+    assert moved[True] > 1e-4, moved
 
 
 def test_variational_loss_trains_feed_down_to_invert_its_block(tiny_backbone):
