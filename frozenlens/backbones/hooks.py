@@ -33,7 +33,9 @@ Ready-made replacements:
   code that follows the pre-norm block's structure (e.g. VQT's query tokens).
 * :class:`ValueInputAttention` -- attention whose values get an extra input,
   ``V = W_v (X + X_td)`` with ``Q, K`` from ``X`` alone (TOAST's top-down
-  signal); it can also keep the attention probabilities (attention maps).
+  signal); it can also keep the attention probabilities (attention maps). The
+  attention itself is :func:`frozenlens.backbones.attention.attention`, the one
+  re-implementation of timm's ``Attention.forward`` (re-exported here).
 
 Running:
 
@@ -61,10 +63,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from frozenlens.backbones.attention import attention, check_attention
 from frozenlens.backbones.base import FrozenBackbone, embed_tokens
 from frozenlens.errors import FrozenlensError
+
+__all__ = ["AddBranch", "Edits", "ValueInputAttention", "add_branch", "attention", "edited_model",
+           "forward_edited", "mlp_branch", "run_blocks", "shallow_module_copy", "value_input"]
 
 BlockInput = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -254,50 +259,11 @@ def mlp_branch(index: int, branch: Callable[[torch.Tensor], torch.Tensor]) -> di
             f"blocks.{index}.drop_path2": lambda drop_path2: _AddBranchOfSeen(drop_path2, seen, branch)}
 
 
-def attention(attn: nn.Module, x: torch.Tensor, *, value_input: torch.Tensor | None = None,
-              keep_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """timm ``Attention`` on ``x``, with optionally an extra value input and kept weights.
-
-    ``Q, K, V = W_q X + b_q, W_k X + b_k, W_v (X + value_input) + b_v``: the value
-    projection of ``value_input`` (no bias) is added to timm's own ``V``, so with
-    ``value_input`` None or zero the result equals ``attn(x)`` bit for bit.
-    ``keep_weights``: the attention probabilities ``(B, heads, N, N)`` are appended
-    to it (computed explicitly instead of by the fused kernel).
-    """
-    batch, tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if value_input is not None:
-        extra = _value_projection(attn.qkv, value_input, attn.num_heads * attn.head_dim)
-        v = v + extra.reshape(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-    if keep_weights is None and attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        if keep_weights is not None:
-            keep_weights.append(weights.detach())
-        out = attn.attn_drop(weights) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
-def _value_projection(qkv: nn.Module, x: torch.Tensor, width: int) -> torch.Tensor:
-    """The value part of ``qkv``'s linear map applied to ``x``, without bias.
-
-    For an edited ``qkv`` (e.g. LoRA's :class:`AddBranch`) the map is taken as
-    ``qkv(x) - qkv(0)``, which is exact for any affine ``qkv``.
-    """
-    if isinstance(qkv, nn.Linear):
-        return F.linear(x, qkv.weight[2 * width:])
-    return (qkv(x) - qkv(torch.zeros_like(x)))[..., 2 * width:]
-
-
 class ValueInputAttention(nn.Module):
     """Stand-in for a block's ``attn`` in a view: :func:`attention` with a value input.
+
+    The attention is re-done by :mod:`frozenlens.backbones.attention`, which checks
+    that ``attn`` is the timm ``Attention`` it re-does (:func:`check_attention`).
 
     Attributes:
         attn: the original timm ``Attention`` (its weights are used as they are).
@@ -308,6 +274,7 @@ class ValueInputAttention(nn.Module):
     def __init__(self, attn: nn.Module, value_input: torch.Tensor | None = None,
                  keep_weights: list[torch.Tensor] | None = None):
         super().__init__()
+        check_attention(attn)
         self.attn = attn
         self.value_input = value_input
         self.keep_weights = keep_weights

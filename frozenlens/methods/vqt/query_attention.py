@@ -23,6 +23,10 @@ token ``j`` and cancels in the softmax. Because attention weights sum to one,
 ``O(N * D * H * T)`` per image instead of the ``O(N * D^2)`` of projecting
 ``N`` keys and values, and only reads ``norm1(X)`` (which is fixed, so it can
 be computed once and cached).
+
+The attention itself is :func:`frozenlens.backbones.attention.query_attention`,
+beside the other re-implementation of timm's ``Attention.forward`` (TOAST's value
+input) and the check that timm's ``Attention`` is still the one both re-do.
 """
 
 from __future__ import annotations
@@ -31,87 +35,23 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from frozenlens.backbones.attention import check_attention, query_attention
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap, reduce_tokens
 from frozenlens.errors import FrozenlensError
 
 
 def check_block(block: nn.Module) -> None:
-    """Raise unless ``block`` is a timm pre-norm ``Block`` with a standard ``Attention``."""
+    """Raise unless ``block`` is a timm pre-norm ``Block`` with timm's standard ``Attention``
+    (:func:`frozenlens.backbones.attention.check_attention`)."""
     needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-    attn = getattr(block, "attn", None)
-    attn_needed = ("qkv", "q_norm", "k_norm", "norm", "proj", "num_heads", "head_dim", "scale")
-    if not all(hasattr(block, n) for n in needed) or not all(hasattr(attn, n) for n in attn_needed):
+    if not all(hasattr(block, n) for n in needed):
         raise FrozenlensError(
             f"query tokens need a timm pre-norm Block with a fused-qkv Attention, not "
-            f"{type(block).__name__}/{type(attn).__name__}"
+            f"{type(block).__name__}/{type(getattr(block, 'attn', None)).__name__}"
         )
-
-
-def folds_keys(attn: nn.Module) -> bool:
-    """Whether ``attn``'s keys can be folded into the queries (``k_norm`` is the identity)."""
-    return isinstance(attn.k_norm, nn.Identity)
-
-
-def _split_qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
-    """(W_q, W_k, W_v) as ``(H, hd, D)`` and (b_q, b_k, b_v) as ``(H, hd)`` (zeros without bias)."""
-    heads, head_dim = attn.num_heads, attn.head_dim
-    weight = attn.qkv.weight.view(3, heads, head_dim, -1)
-    bias = attn.qkv.bias
-    if bias is None:
-        bias = weight.new_zeros(3 * heads * head_dim)
-    bias = bias.view(3, heads, head_dim)
-    return weight[0], weight[1], weight[2], bias[0], bias[1], bias[2]
-
-
-def _queries(attn: nn.Module, p_normed: torch.Tensor) -> torch.Tensor:
-    """Per-head queries ``(Bq, H, T, hd)`` of normed query tokens ``(Bq, T, D)``."""
-    w_q, _, _, b_q, _, _ = _split_qkv(attn)
-    q = torch.einsum("btd,hed->bhte", p_normed, w_q) + b_q[None, :, None]
-    return attn.q_norm(q)
-
-
-def query_attention(attn: nn.Module, p_normed: torch.Tensor, x_normed: torch.Tensor) -> torch.Tensor:
-    """Attention output ``(B, T, D)`` (after ``proj``) of query tokens over the tokens.
-
-    Args:
-        attn: the block's timm ``Attention``.
-        p_normed: ``norm1`` of the query tokens, ``(B, T, D)`` or ``(1, T, D)`` when
-            every image shares them.
-        x_normed: ``norm1`` of the block's input tokens, ``(B, N, D)``.
-    """
-    q = _queries(attn, p_normed)
-    mixed = _fold_keys(attn, q, x_normed) if folds_keys(attn) else _explicit(attn, q, x_normed)
-    batch, tokens = x_normed.shape[0], p_normed.shape[1]
-    out = mixed.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
-    out = attn.norm(out)
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(p_normed).sigmoid()
-    return attn.proj(out)
-
-
-def _fold_keys(attn: nn.Module, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-head attention outputs ``(B, H, T, hd)`` without projecting keys or values."""
-    _, w_k, w_v, _, _, b_v = _split_qkv(attn)
-    heads, tokens = q.shape[1], q.shape[2]
-    u = torch.einsum("bhte,hed->bhtd", q * attn.scale, w_k)        # queries in token space
-    u = u.reshape(u.shape[0], heads * tokens, -1)                   # (Bq, H*T, D)
-    scores = torch.matmul(u[0] if u.shape[0] == 1 else u, y.transpose(1, 2))  # (B, H*T, N)
-    pooled = torch.matmul(scores.softmax(-1), y)                    # (B, H*T, D)
-    pooled = pooled.view(y.shape[0], heads, tokens, -1)
-    return torch.einsum("bhtd,hed->bhte", pooled, w_v) + b_v[None, :, None]
-
-
-def _explicit(attn: nn.Module, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-head attention outputs with keys and values projected (needed with ``k_norm``)."""
-    batch, count, _ = y.shape
-    kv = F.linear(y, attn.qkv.weight, attn.qkv.bias)
-    kv = kv.view(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    k, v = attn.k_norm(kv[1]), kv[2]
-    q = q.expand(batch, -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    check_attention(block.attn)
 
 
 def query_block(block: nn.Module, queries: torch.Tensor, tokens: torch.Tensor, *,
