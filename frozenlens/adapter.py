@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,9 +191,38 @@ def _check_finite(file: Path, state: dict[str, torch.Tensor]) -> None:
                                "re-fit the adapter (the training diverged or the file was edited)")
 
 
+@dataclass
+class Adapter:
+    """An adapter folder, loaded: the trained method (in eval mode) and what ``adapter.json`` says."""
+
+    path: Path
+    method: Method
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, in the order of the method's logits."""
+        return list(self.meta["classes"])
+
+    @property
+    def spec(self) -> str:
+        """The method spec it was fitted with (e.g. ``vqt:num_queries=2``)."""
+        return str(self.meta.get("spec", self.meta["method"]))
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the saved model (the first of the final runs), when recorded."""
+        return self.meta.get("seed")
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The results row of the fit that saved it (accuracy over all seeds), when recorded."""
+        return self.meta.get("result")
+
+
 def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | dict[str, Any] | None = None,
-                 ) -> tuple[Method, dict[str, Any]]:
-    """Rebuild the method of an adapter folder.
+                 ) -> Adapter:
+    """Rebuild the method of an adapter folder (like peft's ``PeftModel.from_pretrained``).
 
     Args:
         adapter_dir: folder written by :func:`save_adapter`.
@@ -222,7 +252,7 @@ def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | dict[str, A
     except (RuntimeError, ValueError, KeyError) as err:
         raise AdapterError(f"{folder / WEIGHTS_FILE}: does not fit method {meta['method']!r} as "
                            f"configured in {CONFIG_FILE} ({err}); re-fit the adapter") from err
-    return method.eval(), meta
+    return Adapter(folder, method.eval(), meta)
 
 
 def _build(folder: Path, meta: dict[str, Any], source: FrozenBackbone | dict[str, Any]) -> Method:

@@ -465,8 +465,8 @@ def predict(
     net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else _backbone_for(
         metas[0], backbone, device)
     loaded = [load_adapter(a, net if isinstance(net, FrozenBackbone) else net.describe()) for a in adapters]
-    taps = sorted({Tap.parse(k) for method, _ in loaded for k in method.tap_keys()})
-    needs_images = any(method.in_loop for method, _ in loaded)
+    taps = sorted({Tap.parse(k) for adapter in loaded for k in adapter.method.tap_keys()})
+    needs_images = any(adapter.method.in_loop for adapter in loaded)
     if needs_images and not isinstance(net, FrozenBackbone):
         raise FrozenlensError("in-loop adapters run the backbone: predict them with the backbone on this "
                               "machine, not a --remote feature server")
@@ -479,7 +479,8 @@ def predict(
         with torch.inference_mode():
             pixels = preprocess(net, chunk, device) if isinstance(net, FrozenBackbone) else None
             values = _tap_values(net, chunk, pixels, taps, device) if taps else {}
-            for (method, meta), folder in zip(loaded, adapters):
+            for adapter, folder in zip(loaded, adapters):
+                method, meta = adapter.method, adapter.meta
                 if method.in_loop:
                     feats = {IMAGES_KEY: pixels}
                 else:

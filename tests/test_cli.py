@@ -53,7 +53,7 @@ def test_predict_matches_the_stored_path(tiny_task, tmp_path, capsys):
 
     report = frozenlens.fit(tiny_task, ["head2toe"], backbone=TINY_BACKBONE, img_size=32, epochs=5,
                             out=tmp_path / "r", progress=False)
-    method, _ = load_adapter(tmp_path / "r" / "head2toe")
+    method = load_adapter(tmp_path / "r" / "head2toe").method
     test = split_data(report.store, report.task, "test", method.tap_keys())
     stored = predict_logits(method, test).softmax(-1)
     fresh = frozenlens.predict([tmp_path / "r" / "head2toe"], [i.path for i in report.task.split("test")],

@@ -100,7 +100,8 @@ def test_adapter_round_trip_and_backbone_check(tmp_path):
     model.fit(data, TrainConfig(epochs=5, warmup_epochs=1))
     folder = save_adapter(tmp_path / "a", model, ["x", "y", "z"])
     assert json.loads((folder / "adapter.json").read_text())["backbone"]["weights_hash"] == "abc"
-    loaded, meta = load_adapter(folder, BACKBONE)
+    adapter_ = load_adapter(folder, BACKBONE)
+    loaded, meta = adapter_.method, adapter_.meta
     assert meta["classes"] == ["x", "y", "z"]
     assert torch.equal(loaded.selected, model.selected)
     batch = {k: v[:5] for k, v in data.features.items()}

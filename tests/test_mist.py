@@ -207,7 +207,8 @@ def test_adapter_round_trip_keeps_chosen_depth_and_logits(tmp_path, method):
     model = build_method(method, None, BACKBONE, 3)
     model.fit(train, FAST.updated(epochs=2), val=val)
     folder = save_adapter(tmp_path / method, model, ["a", "b", "c"])
-    loaded, meta = load_adapter(folder, BACKBONE)
+    adapter_ = load_adapter(folder, BACKBONE)
+    loaded, meta = adapter_.method, adapter_.meta
     assert meta["taps"] == loaded.tap_keys() == model.tap_keys()
     if method == "mist":
         assert meta["config"]["gather_depth"] in (2, 4, 6)

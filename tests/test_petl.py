@@ -193,7 +193,8 @@ def test_adapters_hold_only_what_was_trained_and_round_trip(tiny_backbone, train
         assert set(stored) == set(method.state_dict())
         assert not any(k.startswith(("blocks.", "patch_embed", "model.")) for k in stored)
         assert sum(v.numel() for v in stored.values()) == count_trainable(method) + _buffers(method)
-        loaded, meta = load_adapter(folder, tiny_backbone)
+        adapter_ = load_adapter(folder, tiny_backbone)
+        loaded, meta = adapter_.method, adapter_.meta
         batch = {"images": train_data.images(torch.arange(5))}
         method.eval()
         with torch.no_grad():

@@ -131,7 +131,7 @@ def test_compression_keeps_the_fraction_and_adapter_round_trips(tiny_task, tiny_
     assert method.head.in_features == round(0.5 * width) == method.selected.numel()
     assert method.selected.unique().numel() == method.selected.numel()
     save_adapter(tmp_path / "vqt", method, task.classes)
-    loaded, _ = load_adapter(tmp_path / "vqt", tiny_backbone)
+    loaded = load_adapter(tmp_path / "vqt", tiny_backbone).method
     test = split_data(store, task, "test", method.tap_keys())
     assert torch.equal(predict_logits(method, test), predict_logits(loaded, test))
 

@@ -24,7 +24,6 @@ paper's, the measured costs, and where this differs from the papers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -229,6 +228,9 @@ class SideNetwork(Method):
         return {"blocks": side, "head": head, "total": side + head}
 
 
+NOT_MEASURED = -1.0
+"""Accuracy buffer value of a candidate that was not evaluated (adapters hold no NaN)."""
+
 @register
 class MIST(SideNetwork):
     """MIST: a 4-block low-rank attention edge network on g_k, k chosen on validation."""
@@ -246,7 +248,7 @@ class MIST(SideNetwork):
         if config.gather_depth:
             gather_taps(backbone["depth"], config.gather_depth)  # validates k
         super().__init__(config, backbone, num_classes, config.lae_blocks)
-        self.register_buffer("gather_accuracy", torch.full((backbone["depth"],), float("nan")))
+        self.register_buffer("gather_accuracy", torch.full((backbone["depth"],), NOT_MEASURED))
 
     @classmethod
     def taps(cls, config: MISTConfig, backbone: dict[str, Any]) -> list[Tap]:
@@ -260,7 +262,7 @@ class MIST(SideNetwork):
     @property
     def gather_accuracies(self) -> dict[int, float]:
         """Held-out accuracy of each candidate k from the last selection (k -> accuracy)."""
-        return {k + 1: float(v) for k, v in enumerate(self.gather_accuracy.tolist()) if not math.isnan(v)}
+        return {k + 1: float(v) for k, v in enumerate(self.gather_accuracy.tolist()) if v != NOT_MEASURED}
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.config.gather_depth:

@@ -81,7 +81,7 @@ def explain(adapter: str | Path, images: Sequence[str | Path], out: str | Path, 
         raise FrozenlensError(f"{adapter} holds a {meta['method']!r} adapter; explain draws the two "
                               f"attention passes of {' or '.join(TOAST_METHODS)} adapters")
     net = _backbone_for(meta, backbone, device)
-    method, _ = load_adapter(adapter, net)
+    method = load_adapter(adapter, net).method
     method.to(device)
     transform = net.transform()
     out_dir = Path(out)
