@@ -57,3 +57,27 @@ def test_serve_on_cuda_answers_like_the_cpu_backbone():
         expected = cpu.forward_taps(batch, [Tap.parse(n) for n in names])
     for name in names:
         np.testing.assert_allclose(payload.features[name], expected[name].numpy(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["linear:epochs=2", "head2toe:epochs=2", "vqt:epochs=2", "mist:epochs=2",
+                                  "inca:epochs=2,layers=10+11"])
+def test_store_methods_fit_and_predict_on_cuda(tiny_task, tmp_path, spec):
+    """Store-trained methods: stored (CPU) taps go to the GPU per batch; predictions come back on CPU."""
+    import frozenlens
+    from tests.conftest import adapter_folder
+
+    report = frozenlens.fit(tiny_task, [spec], backbone=TINY_BACKBONE, img_size=32, device="cuda",
+                            out=tmp_path / "r", progress=False)
+    assert report.records[0]["test_accuracy_mean"] is not None
+    image = sorted((tiny_task / "images" / "red").glob("test_*.png"))[0]
+    (prediction,) = frozenlens.predict([adapter_folder(tmp_path / "r", spec)], [image], device="cuda")
+    assert abs(sum(p for _, p in prediction.top) - 1) < 1e-4 or len(prediction.top) < 3
+
+
+@pytest.mark.parametrize("spec", ["toast:epochs=1", "lora:epochs=1", "vpt-deep:epochs=1", "vqt+adaptformer:epochs=1"])
+def test_in_loop_methods_fit_on_cuda(tiny_task, spec):
+    """Methods that run the backbone in the loop train and evaluate on the GPU."""
+    import frozenlens
+
+    report = frozenlens.fit(tiny_task, [spec], backbone=TINY_BACKBONE, img_size=32, device="cuda", progress=False)
+    assert report.records[0]["test_accuracy_mean"] is not None
