@@ -185,7 +185,8 @@ def test_adapter_round_trip_keeps_selection_and_added_classes(tmp_path):
     model = build_method("inca", {"ensemble_top_k": 2, "head_hidden": 6}, BACKBONE, 3)
     model.fit(train, FAST.updated(epochs=3), val=val)
     folder = save_adapter(tmp_path / "inca", model, ["a", "b", "c"])
-    loaded, meta = load_adapter(folder, BACKBONE)
+    adapter_ = load_adapter(folder, BACKBONE)
+    loaded, meta = adapter_.method, adapter_.meta
     assert meta["config"]["layers"] == list(model.config.layers)
     assert meta["taps"] == loaded.tap_keys() == model.tap_keys()
     assert loaded.layer_accuracies == model.layer_accuracies
@@ -196,7 +197,7 @@ def test_adapter_round_trip_keeps_selection_and_added_classes(tmp_path):
     open_model.fit(train, FAST.updated(epochs=2), val=val)
     open_model.add_classes(1)
     folder = save_adapter(tmp_path / "open", open_model, ["a", "b", "c", "d"])
-    reopened, _ = load_adapter(folder, BACKBONE)
+    reopened = load_adapter(folder, BACKBONE).method
     assert reopened.config.frozen_classes == 3 and reopened.num_classes == 4
     assert torch.equal(reopened(batch), open_model.eval()(batch))
     assert not any(p.requires_grad for p in reopened.old.parameters())
@@ -219,3 +220,23 @@ def test_protocol_on_tiny_task_selects_on_holdout_and_beats_chance(tiny_task, ti
     assert result.config.layers == "all" and len(model.config.layers) == 1
     assert len(model.layer_accuracies) == tiny_backbone.depth
     assert result.test_accuracies[0] > 0.6  # chance is 1/3
+
+
+def test_adapters_read_block_output_tokens_which_are_the_next_blocks_inputs(tiny_backbone):
+    """docs/methods/inca.md: adapters attach to block outputs, which are also the block inputs."""
+    depth = tiny_backbone.depth
+    model = build_method("inca", None, tiny_backbone, 3)
+    taps = model.taps(model.config, tiny_backbone.describe())
+    assert [t.key for t in taps] == [f"block.{i}:tokens" for i in range(depth)]
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [block.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach()))
+             for i, block in enumerate(tiny_backbone.model.blocks)]
+    try:
+        size = tiny_backbone.image_size
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        out = tiny_backbone.forward_taps(images, taps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for i in range(depth - 1):
+        assert torch.equal(out[f"block.{i}:tokens"], inputs[i + 1])
