@@ -1,11 +1,14 @@
-"""Small building blocks shared by methods."""
+"""Small building blocks shared by methods: standardisation, heads, group lasso, LoRA."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from frozenlens.errors import FrozenlensError
 
 
 def concat_taps(features: dict[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
@@ -41,6 +44,35 @@ def group_lasso(weight: torch.Tensor) -> torch.Tensor:
     return weight.square().sum(0).sqrt().sum()
 
 
+def strongest_features(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (ascending) of the ``count`` input features whose weight columns have the
+    largest L2 norm: the features a group-lasso head keeps (Head2Toe, VQT's compression)."""
+    scores = weight.detach().square().sum(0)
+    return scores.topk(count).indices.sort().values
+
+
+class FeatureHead(nn.Module):
+    """Training view of a linear head on precomputed features (``batch["features"]``).
+
+    Optionally it reads only the columns ``selected``, and adds a group-lasso penalty
+    of coefficient ``lasso`` on its weight (:func:`group_lasso`): the selection head of
+    a group-lasso feature selection, or the head retrained on the kept features.
+    """
+
+    def __init__(self, linear: nn.Linear, lasso: float = 0.0, selected: torch.Tensor | None = None):
+        super().__init__()
+        self.linear, self.lasso, self.selected = linear, lasso, selected
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["features"]
+        return self.linear(x if self.selected is None else x[:, self.selected])
+
+    def regularization(self) -> torch.Tensor:
+        if not self.lasso:
+            return torch.zeros(())
+        return self.lasso * group_lasso(self.linear.weight)
+
+
 def init_kaiming_head(linear: nn.Linear) -> None:
     """Kaiming-normal (fan out) weights and zero bias: the head of the VPT / VQT code bases."""
     nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
@@ -59,3 +91,48 @@ def patch_area(backbone: dict[str, Any]) -> int:
     size = backbone.get("data_config", {}).get("input_size", [None])[-1]
     grid = backbone.get("grid_size", [None])[-1]
     return (size // grid) ** 2 if size and grid else 256
+
+
+# -- LoRA: the one low-rank update ---------------------------------------------------------
+def reset_lora(down: torch.Tensor, up: torch.Tensor) -> None:
+    """LoRA's start: ``A`` (``down``, ``(r, in)``) Kaiming-uniform (a=sqrt(5), as loralib),
+    ``B`` (``up``, ``(out, r)``) zero, so the update is exactly zero."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        nn.init.zeros_(up)
+
+
+def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA's update of a linear map: ``scaling * x A^T B^T`` with ``A = down`` ``(r, in)``,
+    ``B = up`` ``(out, r)`` and ``scaling = alpha / r``."""
+    return (x @ down.T @ up.T) * scaling
+
+
+class LoRALinear(nn.Linear):
+    """A linear map whose ``weight`` is frozen and adapted by a low-rank product.
+
+    ``y = x W^T + b + scaling * x A^T B^T`` (:func:`lora_delta`) with ``A`` (r, in),
+    ``B`` (out, r) and ``scaling = alpha / r``; ``B`` starts at zero, so the start
+    equals ``W`` (:func:`reset_lora`). ``weight`` keeps its name, so plain
+    :class:`nn.Linear` state dicts (e.g. pre-tuned ones) load into it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0,
+                 bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        if rank < 1:
+            raise FrozenlensError(f"lora_rank={rank}: must be at least 1")
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.reset_lora()
+
+    def reset_lora(self) -> None:
+        """``A`` Kaiming-uniform, ``B = 0``."""
+        reset_lora(self.lora_a, self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + lora_delta(x, self.lora_a, self.lora_b, self.scaling)

@@ -23,8 +23,10 @@ import torch
 from torch.nn import functional as F
 
 from frozenlens.errors import FrozenlensError
+from frozenlens.extras import require
 
 TOAST_METHODS = ("toast", "toast-lite")
+PLOTS_PURPOSE = "frozenlens explain (TOAST's attention maps as PNG)"
 
 
 @dataclass
@@ -80,6 +82,7 @@ def explain(adapter: str | Path, images: Sequence[str | Path], out: str | Path, 
     if meta["method"] not in TOAST_METHODS:
         raise FrozenlensError(f"{adapter} holds a {meta['method']!r} adapter; explain draws the two "
                               f"attention passes of {' or '.join(TOAST_METHODS)} adapters")
+    require("matplotlib.figure", PLOTS_PURPOSE)  # before the backbone loads: say now if it is missing
     net = _backbone_for(meta, backbone, device)
     method = load_adapter(adapter, net).method
     method.to(device)
@@ -113,7 +116,8 @@ def _upsampled(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _save_figures(stem: Path, picture: np.ndarray, maps: AttentionMaps, label: str) -> list[Path]:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry is touched
+    # no pyplot: no global backend or figure registry is touched
+    Figure = require("matplotlib.figure", PLOTS_PURPOSE).Figure
 
     size = picture.shape[:2]
     panels = [("pass 1 attention (block %d)" % maps.pass1_block, maps.pass1),

@@ -43,7 +43,7 @@ from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods.base import Method, register
-from frozenlens.methods.layers import init_kaiming_head
+from frozenlens.methods.layers import LoRALinear, init_kaiming_head
 from frozenlens.train.trainer import TrainConfig, seeded
 
 FEEDBACK_MODES = ("full", "early", "late")
@@ -77,37 +77,6 @@ class FeatureSelection(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return (z * self.token_weights(z).unsqueeze(-1)) @ self.channel_transform
-
-
-class LoRALinear(nn.Linear):
-    """A linear map whose ``weight`` is frozen and adapted by a low-rank product.
-
-    ``y = x W^T + scaling * x A^T B^T`` with ``A`` (r, in), ``B`` (out, r) and
-    ``scaling = alpha / r``; ``B`` starts at zero, so the start equals ``W``.
-    ``A`` gets Kaiming-uniform(a=sqrt(5)) as in loralib. ``weight`` keeps its name,
-    so plain :class:`nn.Linear` state dicts (e.g. pre-tuned ones) load into it.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0,
-                 bias: bool = False):
-        super().__init__(in_features, out_features, bias=bias)
-        if rank < 1:
-            raise FrozenlensError(f"lora_rank={rank}: must be at least 1")
-        self.rank, self.scaling = rank, alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.reset_lora()
-
-    def reset_lora(self) -> None:
-        """``A`` Kaiming-uniform, ``B = 0``."""
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
 
 
 class FeedbackLayer(nn.Module):
