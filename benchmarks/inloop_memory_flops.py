@@ -55,7 +55,7 @@ from common import RESULTS, command_line, machine_context, machine_line  # noqa:
 from frozenlens.api import MethodSpec  # noqa: E402
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone  # noqa: E402
 from frozenlens.methods import build_method, get_method, method_names  # noqa: E402
-from frozenlens.methods.petl.combos import VQTOnPETL, _QueryStage  # noqa: E402
+from frozenlens.methods.petl.combos import VQTOnPETL  # noqa: E402
 from frozenlens.train.measure import Measure  # noqa: E402
 from frozenlens.train.trainer import count_trainable, make_optimizer  # noqa: E402
 
@@ -134,7 +134,7 @@ def model_and_batch(label: str, backbone: FrozenBackbone, batch_size: int, devic
         return trainable, LiveTapsModel(method, backbone), {"images": images}
     if isinstance(method, VQTOnPETL):
         method.petl.requires_grad_(False)
-        return trainable, _QueryStage(method), {"images": images}
+        return trainable, method.query_stage(), {"images": images}
     return trainable, method, {"images": images}
 
 

@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from frozenlens.atomic import fsync_dir, temp_name
+from frozenlens.data.split import class_permutations
 from frozenlens.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -147,16 +148,17 @@ def _per_class_counts(total: int, n_classes: int) -> list[int]:
 
 
 def _choose(labels: np.ndarray, counts: list[int], where: str) -> list[np.ndarray]:
-    """Per class, ``counts[c]`` source indices drawn with ``RandomState(SEED)`` (class order)."""
-    rng = np.random.RandomState(SEED)
+    """Per class, ``counts[c]`` source indices drawn with ``RandomState(SEED)`` (class order):
+    the first ``counts[c]`` of :func:`frozenlens.data.split.class_permutations`."""
+    permutations = class_permutations(labels, SEED)
     chosen = []
     for c, count in enumerate(counts):
-        pool = np.flatnonzero(labels == c)
+        pool = permutations.get(c, np.zeros(0, dtype=np.int64))
         if len(pool) < count:
             raise DataError(
                 f"{where}: class {c} ({OFFICIAL_NAMES[c]}) has {len(pool)} images, {count} needed."
             )
-        chosen.append(pool[rng.permutation(len(pool))[:count]])
+        chosen.append(pool[:count])
     return chosen
 
 
@@ -354,7 +356,7 @@ def build_fashion_mnist_task(
     if _check_existing(out_dir, n_test):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_name(out_dir)  # frozenlens.atomic's per-writer sibling name, as for files
     tmp.mkdir()  # not mkdtemp: that would leave the finished task mode 0700
     try:
         scratch_prefix = ".fashion-mnist-download-"
@@ -374,3 +376,5 @@ def _move_into_place(tmp: Path, out_dir: Path, n_test: int) -> None:
     except OSError:
         if _is_complete(out_dir) != _marker(n_test):
             raise
+        return
+    fsync_dir(out_dir.parent)

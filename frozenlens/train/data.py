@@ -8,24 +8,20 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from frozenlens.data.split import stratified_indices
 from frozenlens.store.store import ActivationStore
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(kept, held out)``: ``fraction`` of each class held out (at least one
-    example, never a whole class), chosen with ``seed``; both sorted."""
-    generator = torch.Generator().manual_seed(seed)
-    held = []
-    for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        held.append(members[:max(count, 0)])
-    held_index = torch.cat(held).sort().values
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[held_index] = False
-    return torch.nonzero(keep).flatten(), held_index
+    example, never a whole class), chosen with ``seed``; both sorted.
+
+    The split is :func:`frozenlens.data.split.stratified_indices`, the one the task
+    loader uses to derive a validation split.
+    """
+    kept, held = stratified_indices(labels.cpu().numpy(), fraction, seed)
+    return torch.from_numpy(kept), torch.from_numpy(held)
 
 
 def minibatch_indices(count: int, batch_size: int, *, shuffle: bool = False,

@@ -18,6 +18,7 @@ from torch import nn
 from frozenlens.backbones.hooks import Edits, add_branch, mlp_branch
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import register
+from frozenlens.methods.layers import lora_delta, reset_lora
 from frozenlens.methods.petl.common import InLoopMethod
 
 QKV = "qkv"
@@ -26,10 +27,11 @@ QKV = "qkv"
 class LoRAUpdate(nn.Module):
     """Low-rank updates of the q, k and/or v parts of a fused ``qkv`` map.
 
-    For each target ``t``: ``delta_t(x) = (alpha / r) * x A_t^T B_t^T`` with
-    ``A_t`` ``(r, D)`` (Kaiming-uniform, a=sqrt(5), as loralib) and ``B_t``
-    ``(D, r)`` zero, so the update starts at exactly zero. The output has the
-    fused ``(..., 3D)`` layout, zero for parts that are not targets.
+    For each target ``t``: ``delta_t(x) = (alpha / r) * x A_t^T B_t^T``
+    (:func:`frozenlens.methods.layers.lora_delta`, the LoRA of every method) with
+    ``A_t`` ``(r, D)`` Kaiming-uniform and ``B_t`` ``(D, r)`` zero
+    (:func:`~frozenlens.methods.layers.reset_lora`), so the update starts at exactly
+    zero. The output has the fused ``(..., 3D)`` layout, zero for parts that are not targets.
     """
 
     def __init__(self, dim: int, rank: int, alpha: float, targets: str):
@@ -41,16 +43,13 @@ class LoRAUpdate(nn.Module):
 
     def reset_parameters(self) -> None:
         """``A`` Kaiming-uniform, ``B`` zero."""
-        for down in self.down:
-            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-        nn.init.zeros_(self.up)
+        for down, up in zip(self.down, self.up):
+            reset_lora(down, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deltas = torch.einsum("...d,trd->...tr", x, self.down)
-        deltas = torch.einsum("...tr,tor->...to", deltas, self.up) * self.scaling
-        parts = [deltas[..., self.targets.index(part), :] if part in self.targets
-                 else x.new_zeros(*x.shape[:-1], self.dim) for part in QKV]
-        return torch.cat(parts, dim=-1)
+        parts = [lora_delta(x, self.down[i], self.up[i], self.scaling) for i in range(len(self.targets))]
+        return torch.cat([parts[self.targets.index(part)] if part in self.targets
+                          else x.new_zeros(*x.shape[:-1], self.dim) for part in QKV], dim=-1)
 
 
 @dataclass

@@ -96,6 +96,11 @@ class VQTOnPETL(InLoopMethod):
         blocks = edited_model(self.frozen_backbone.model, self.petl.edits(images.shape[0])).blocks
         return self.vqt.classify(self.vqt.features(taps, normed=False, blocks=blocks))
 
+    def query_stage(self) -> "QueryStage":
+        """The module stage 2 trains: this combination's forward, with only VQT's parameters
+        (keep the PETL part frozen while it trains)."""
+        return QueryStage(self)
+
     def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None, progress: bool = False) -> list[float]:
         """Stage 1: the PETL method alone. Stage 2: VQT's queries and head on its features."""
         losses = self.petl.fit(data, cfg, progress=progress)
@@ -104,12 +109,13 @@ class VQTOnPETL(InLoopMethod):
         query_cfg = cfg.updated(optimizer=recipe.optimizer, lr=recipe.lr / recipe.batch_size * cfg.batch_size,
                                 weight_decay=recipe.weight_decay)
         with frozen(self.petl):
-            losses += train(_QueryStage(self), data, query_cfg, progress=progress, desc=f"{self.name} queries")
+            losses += train(self.query_stage(), data, query_cfg, progress=progress, desc=f"{self.name} queries")
         return losses
 
 
-class _QueryStage(nn.Module):
-    """Training view of stage 2: the combination's forward, only VQT's parameters."""
+class QueryStage(nn.Module):
+    """Training view of stage 2 (:meth:`VQTOnPETL.query_stage`): the combination's forward,
+    only VQT's parameters."""
 
     def __init__(self, combo: VQTOnPETL):
         super().__init__()

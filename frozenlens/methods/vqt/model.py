@@ -33,7 +33,8 @@ from torch.nn import functional as F
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method, register
-from frozenlens.methods.layers import group_lasso
+from frozenlens.methods.layers import FeatureHead as _FeatureHead
+from frozenlens.methods.layers import strongest_features
 from frozenlens.methods.layers import init_kaiming_head as _init_head
 from frozenlens.methods.layers import patch_area as _patch_area
 from frozenlens.methods.vqt.query_attention import check_block, input_taps, query_block
@@ -222,8 +223,7 @@ class VQT(Method):
         with seeded(cfg.seed):
             _init_head(selector.linear)
         losses = train(selector, features, head_cfg, progress=progress, desc=f"{self.name} select")
-        scores = selector.linear.weight.detach().square().sum(0)
-        self.selected.copy_(scores.topk(self.num_kept).indices.sort().values)
+        self.selected.copy_(strongest_features(selector.linear.weight, self.num_kept))
         _init_head(self.head)
         retrain = _FeatureHead(self.head, 0.0, self.selected)
         return losses + train(retrain, features, head_cfg, progress=progress, desc=f"{self.name} retrain")
@@ -259,23 +259,6 @@ class _NormedInputs(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.method.classify(self.method.features(batch, normed=True))
-
-
-class _FeatureHead(nn.Module):
-    """A linear head on precomputed features (optionally a subset), with optional group lasso."""
-
-    def __init__(self, linear: nn.Linear, lasso: float, selected: torch.Tensor | None = None):
-        super().__init__()
-        self.linear, self.lasso, self.selected = linear, lasso, selected
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = batch["features"]
-        return self.linear(x if self.selected is None else x[:, self.selected])
-
-    def regularization(self) -> torch.Tensor:
-        if not self.lasso:
-            return torch.zeros(())
-        return self.lasso * group_lasso(self.linear.weight)
 
 
 def _check_config(config: VQTConfig) -> None:
