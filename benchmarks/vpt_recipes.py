@@ -28,10 +28,17 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from common import (
+    command_line,
+    machine_context,
+    machine_line,
+    open_small_run,
+    records_table,
+    save_results,
+    small_run_parser,
+)
 from torch.nn import functional as F
 
-from common import (command_line, machine_context, machine_line, open_small_run, records_table, save_results,
-                    small_run_parser)
 from frozenlens.methods import build_method
 from frozenlens.methods.layers import init_kaiming_head
 from frozenlens.methods.petl.common import BATCH

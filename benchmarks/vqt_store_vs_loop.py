@@ -41,15 +41,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-
 from common import RESULTS, command_line, machine_context, machine_line, open_task
+from live_taps import LiveTaps
+
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, block_tap, load_backbone
 from frozenlens.data import Task
 from frozenlens.methods import build_method
 from frozenlens.paths import cache_dir
 from frozenlens.store import ActivationStore, extract
 from frozenlens.train.data import TapData
-from live_taps import LiveTaps
 from frozenlens.train.measure import Measure
 from frozenlens.train.trainer import evaluate, predict_logits
 
@@ -263,7 +263,8 @@ def markdown(result: dict[str, Any], ctx: dict[str, Any]) -> str:
         f"| seconds per epoch | {pair(store['epoch_seconds'], 2)} | {pair(loop['epoch_seconds'], 1)} |",
         f"| training, end to end | {pair(store['end_to_end_train_seconds'])} "
         f"| {pair(loop['end_to_end_train_seconds'])} ({label}) |",
-        f"| test evaluation (one pass) | {pair({k: store['extract_test_seconds'][k] + store['eval_test_seconds'][k] for k in ('cpu', 'wall')})} "
+        "| test evaluation (one pass) | "
+        f"{pair({k: store['extract_test_seconds'][k] + store['eval_test_seconds'][k] for k in ('cpu', 'wall')})} "
         f"| {pair(loop['eval_test_seconds'])} |",
         f"| peak training memory (MB) | {store['train_peak_memory_mb']} | {loop['train_peak_memory_mb']} |",
         f"| test accuracy after {epochs} epochs | {100 * store['test_accuracy']:.2f} "

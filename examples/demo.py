@@ -38,8 +38,8 @@ def run_demo(*, n_test: int = 400, img_size: int = 224, seeds: Sequence[int] = (
              out: Path = Path("runs/demo"), fashion_mnist_dir: Path | None = None,
              device: str = "cpu") -> None:
     """Build the demo task, extract once (or reuse the store), run the VTAB protocol, print the table."""
-    from frozenlens.api import MethodSpec, fit
     from examples.fashion_mnist import build_fashion_mnist_task
+    from frozenlens.api import MethodSpec, fit
     from frozenlens.report import markdown_table
 
     started = time.perf_counter()
@@ -47,8 +47,8 @@ def run_demo(*, n_test: int = 400, img_size: int = 224, seeds: Sequence[int] = (
                                         n_test=n_test, source_dir=fashion_mnist_dir)
     print(f"demo task: Fashion-MNIST, 1000 training images (800 train / 200 val), {n_test} test "
           f"images, at {img_size} px -> {task_dir}")
-    report = fit(task_dir, DEMO_METHODS, img_size=img_size, grid=[MethodSpec.parse(m).label for m in TUNED_METHODS], seeds=seeds, out=out,
-                 device=device)
+    report = fit(task_dir, DEMO_METHODS, img_size=img_size, grid=[MethodSpec.parse(m).label for m in TUNED_METHODS],
+                 seeds=seeds, out=out, device=device)
     print()
     print(markdown_table(report.records))
     print(f"\nbackbone {report.backbone.name} ({report.backbone.arch}, weights "

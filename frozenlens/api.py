@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, check_device, load_backbone
@@ -24,12 +22,11 @@ from frozenlens.data import Task, load_task
 from frozenlens.errors import ConfigError, FrozenlensError
 from frozenlens.methods import get_method, make_config, method_for_config
 from frozenlens.methods.base import convert_setting
+from frozenlens.protocol import MethodResult, run_protocol
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, TapSource, extract
 from frozenlens.train.images import IMAGES_KEY, as_pil, preprocess
-from frozenlens.protocol import MethodResult, run_protocol
 from frozenlens.train.trainer import TrainConfig
-
 
 TRAIN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "device"))
 """Training settings a method spec may override, e.g. ``vqt:epochs=20,lr=0.01``."""

@@ -12,10 +12,9 @@ that run the backbone in the loop (``Method.in_loop``) get :class:`ImageData`
 
 from __future__ import annotations
 
-import logging
-
 import dataclasses
 import itertools
+import logging
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -29,7 +28,6 @@ from frozenlens.train.data import TapData
 from frozenlens.train.images import ImageData
 from frozenlens.train.measure import Measure
 from frozenlens.train.trainer import TrainConfig, count_trainable, evaluate
-
 
 _log = logging.getLogger("frozenlens")
 

@@ -46,8 +46,9 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         val = "—" if r["best_val_accuracy"] is None else f"{100 * r['best_val_accuracy']:.2f}"
-        cells = [r.get("spec", r["label"]), _fmt_acc(r), val, str(r["train_config"]["epochs"]), f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}",
-                 f"{r['peak_memory_mb']:.0f}", f"{r['store_bytes_per_image'] / 1024:.1f}"]
+        cells = [r.get("spec", r["label"]), _fmt_acc(r), val, str(r["train_config"]["epochs"]),
+                 f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}",
+                 f"{r['store_bytes_per_image'] / 1024:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ def test_saved_adapter_records_its_format_and_weights_hash(adapter):
     meta = read_adapter_meta(adapter)
     assert meta["format_version"] == FORMAT_VERSION == 1
     assert len(meta["weights_sha256"]) == 64
-    method = load_adapter(adapter, BACKBONE).method
+    load_adapter(adapter, BACKBONE)
     assert not [p for p in adapter.iterdir() if ".tmp-" in p.name]
 
 
@@ -127,7 +127,7 @@ def test_newer_format_is_refused_naming_the_writer(adapter):
 def test_adapter_without_format_version_is_read_if_its_layout_is_known(adapter):
     _edit_json(adapter, format_version=None, weights_sha256=None, frozenlens_version="0.0.9")
     adapter_ = load_adapter(adapter, BACKBONE)
-    method, meta = adapter_.method, adapter_.meta
+    meta = adapter_.meta
     assert meta["classes"] == ["x", "y", "z"]
     _edit_json(adapter, classes=None)
     with pytest.raises(AdapterError, match=r"no format_version \(written by frozenlens 0\.0\.9\)"):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from frozenlens.api import MethodSpec, fit, parse_specs
 from frozenlens.api import _check_remote as api_check_remote
+from frozenlens.errors import FrozenlensError
 from frozenlens.methods.vqt import VQTConfig
 from frozenlens.train.trainer import TrainConfig
-from frozenlens.errors import FrozenlensError
 from tests.conftest import TINY_BACKBONE, adapter_folder
 
 

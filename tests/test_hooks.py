@@ -120,7 +120,8 @@ def test_branches_land_where_they_should(tiny_backbone):
     qkv = attn.qkv
 
     offset = torch.randn(3 * tiny_backbone.dim)
-    view = edited_model(tiny_backbone.model, Edits(modules={"blocks.0.attn.qkv": add_branch(lambda t: offset.expand(*t.shape[:-1], -1))}))
+    branch = add_branch(lambda t: offset.expand(*t.shape[:-1], -1))
+    view = edited_model(tiny_backbone.model, Edits(modules={"blocks.0.attn.qkv": branch}))
     assert torch.allclose(view.blocks[0].attn.qkv(y), qkv(y) + offset)
 
 

@@ -22,8 +22,8 @@ from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import base as method_base
 from frozenlens.methods import build_method
-from frozenlens.train.images import ImageData
 from frozenlens.protocol import run_protocol
+from frozenlens.train.images import ImageData
 from frozenlens.train.trainer import TrainConfig, count_trainable
 from tests.conftest import adapter_folder
 
@@ -108,7 +108,8 @@ def test_fit_without_stored_taps_extracts_nothing_and_predict_feeds_images(
     images = [i.path for i in load_task(tiny_task).split("test")[:5]]
     decoded, decode = [], api.preprocess
     monkeypatch.setattr(api, "preprocess", lambda *args: decoded.append(args) or decode(*args))
-    both = api.predict([folder, adapter_folder(tmp_path / "lin", "linear:epochs=3")], images, backbone=tiny_backbone, top_k=3)
+    both = api.predict([folder, adapter_folder(tmp_path / "lin", "linear:epochs=3")], images, backbone=tiny_backbone,
+                       top_k=3)
     assert len(both) == 10
     assert len(decoded) == 1            # one decode per batch feeds both the taps and the in-loop adapter
     data = ImageData.from_paths(images, [0] * 5, 3, tiny_backbone)

@@ -10,9 +10,9 @@ import torch
 from frozenlens.adapter import load_adapter, save_adapter
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods import build_method, get_method, make_config, method_names
-from frozenlens.train.data import TapData
 from frozenlens.protocol import grid_points
-from frozenlens.train.trainer import TrainConfig, evaluate, train
+from frozenlens.train.data import TapData
+from frozenlens.train.trainer import TrainConfig, evaluate
 
 BACKBONE = {"name": "fake", "weights_hash": "abc", "dim": 8, "depth": 3, "num_prefix_tokens": 1}
 
@@ -136,9 +136,9 @@ def test_holdout_is_stratified_and_disjoint():
 
 
 def test_grid_searches_method_settings_too(tiny_task, tiny_backbone):
-    from frozenlens.store import extract
     from frozenlens.data import load_task
     from frozenlens.protocol import run_protocol
+    from frozenlens.store import extract
 
     task = load_task(tiny_task)
     config = make_config("head2toe")

@@ -13,11 +13,18 @@ from torch.nn import functional as F
 from frozenlens.adapter import load_adapter, save_adapter
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, make_config, method_names
-from frozenlens.methods.mist import (VIT_B16, LowRankAttentionBlock, gather, gather_candidates,
-                                     gather_key, gather_taps, gathered_data)
-from tests.conftest import adapter_folder
+from frozenlens.methods.mist import (
+    VIT_B16,
+    LowRankAttentionBlock,
+    gather,
+    gather_candidates,
+    gather_key,
+    gather_taps,
+    gathered_data,
+)
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, evaluate
+from tests.conftest import adapter_folder
 
 BACKBONE = {"name": "fake", "weights_hash": "abc", "dim": 8, "depth": 6, "num_heads": 2,
             "num_prefix_tokens": 1}

@@ -14,9 +14,9 @@ import importlib.metadata
 import pytest
 
 import frozenlens
+from examples.fashion_mnist import build_fashion_mnist_task, find_fashion_mnist_source
 from frozenlens.backbones import load_backbone
 from frozenlens.data import Task
-from examples.fashion_mnist import build_fashion_mnist_task, find_fashion_mnist_source
 from frozenlens.methods import build_method
 from frozenlens.paths import cache_dir
 from frozenlens.train.images import ImageData

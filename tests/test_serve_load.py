@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.loadtest import LoadTest
 from frozenlens.errors import FrozenlensError
 from frozenlens.serve.app import Limits, create_app
-from benchmarks.loadtest import LoadTest
 from tests.test_serve_remote import LiveServer
 
 TOKEN = "load-token"

@@ -23,7 +23,7 @@ import uvicorn
 from frozenlens.backbones import Tap
 from frozenlens.cli import main
 from frozenlens.data import load_task
-from frozenlens.serve.app import ConnectionLimits, Limits, create_app, uvicorn_config
+from frozenlens.serve.app import ConnectionLimits, create_app, uvicorn_config
 from frozenlens.serve.client import FeatureClient, RemoteError, RemoteTaps
 from frozenlens.serve.engine import FeatureEngine
 from frozenlens.store import extract

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.live_taps import LiveTaps
 from frozenlens.adapter import load_adapter, save_adapter
 from frozenlens.backbones.taps import Tap
 from frozenlens.cli import main
@@ -14,9 +15,8 @@ from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, make_config
 from frozenlens.methods.vqt.query_attention import forward_with_queries, input_taps, query_block
-from frozenlens.store import extract
-from benchmarks.live_taps import LiveTaps
 from frozenlens.protocol import split_data
+from frozenlens.store import extract
 from frozenlens.train.trainer import TrainConfig, predict_logits
 from tests.conftest import TINY_BACKBONE, adapter_folder
 

@@ -17,9 +17,8 @@ its per-block adapters stacked in one model).
 
 from __future__ import annotations
 
-import logging
-
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 

@@ -35,8 +35,8 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from frozenlens import __version__
 from frozenlens.backbones.base import FrozenBackbone

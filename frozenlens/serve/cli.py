@@ -13,8 +13,6 @@ import signal
 import threading
 from typing import Any
 
-from frozenlens.errors import FrozenlensError
-
 DEFAULT_PORT = 8765
 TOKEN_ENV = "FROZENLENS_TOKEN"
 

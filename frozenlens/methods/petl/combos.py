@@ -33,8 +33,8 @@ from frozenlens.methods.base import Method, get_method, register
 from frozenlens.methods.petl.adapters import AdaptFormerConfig
 from frozenlens.methods.petl.common import InLoopMethod, frozen
 from frozenlens.methods.petl.prompts import VPTConfig
-from frozenlens.methods.vqt.query_attention import input_taps
 from frozenlens.methods.vqt.model import CLS_KEY, VQT, VQTConfig
+from frozenlens.methods.vqt.query_attention import input_taps
 from frozenlens.train.images import IMAGES_KEY
 from frozenlens.train.trainer import TrainConfig, train
 

@@ -10,9 +10,8 @@ one), as VPT and the PETL papers that follow it do. The head starts at zero
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
 import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn

@@ -20,7 +20,6 @@ stand-in. Pre-tune on a large general collection when you have one.
 from __future__ import annotations
 
 import logging
-
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -34,9 +34,9 @@ from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import FeatureHead as _FeatureHead
-from frozenlens.methods.layers import strongest_features
 from frozenlens.methods.layers import init_kaiming_head as _init_head
 from frozenlens.methods.layers import patch_area as _patch_area
+from frozenlens.methods.layers import strongest_features
 from frozenlens.methods.vqt.query_attention import check_block, input_taps, query_block
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, seeded, train
