@@ -206,8 +206,8 @@ def test_adapter_round_trip_keeps_selection_and_added_classes(tmp_path):
 def test_protocol_on_tiny_task_selects_on_holdout_and_beats_chance(tiny_task, tiny_backbone):
     from frozenlens.data import load_task
     from frozenlens.methods import get_method
-    from frozenlens.store import extract
     from frozenlens.protocol import run_protocol
+    from frozenlens.store import extract
 
     task = load_task(tiny_task)
     config = make_config("inca")

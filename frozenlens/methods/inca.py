@@ -323,7 +323,7 @@ class ParallelAdapters(Method):
             raise FrozenlensError(f"holdout_fraction={config.holdout_fraction}: must be in (0, 1)")
         self.dim = int(backbone["dim"])
         self.attn = StackedCrossAttention(self.num_slots, self.dim, config.num_heads or backbone["num_heads"])
-        self.register_buffer("layer_accuracy", torch.full((backbone["depth"],), float("nan")))
+        self.register_buffer("layer_accuracy", torch.full((backbone["depth"],), NOT_MEASURED))
 
     # -- what is read -----------------------------------------------------------------------
     @classmethod
@@ -343,7 +343,7 @@ class ParallelAdapters(Method):
     @property
     def layer_accuracies(self) -> dict[int, float]:
         """Validation accuracy of each block's adapter from the last selection (block -> accuracy)."""
-        return {i: float(v) for i, v in enumerate(self.layer_accuracy.tolist()) if not math.isnan(v)}
+        return {i: float(v) for i, v in enumerate(self.layer_accuracy.tolist()) if v != NOT_MEASURED}
 
     # -- forward ------------------------------------------------------------------------------
     def query_groups(self) -> list[QueryGroup]:
@@ -406,6 +406,9 @@ class ParallelAdapters(Method):
         keep_slots(self, slots)
         self.config = dataclasses.replace(self.config, layers=tuple(layers[i] for i in slots))
 
+
+NOT_MEASURED = -1.0
+"""Accuracy buffer value of a candidate that was not evaluated (adapters hold no NaN)."""
 
 @register
 class InCA(ParallelAdapters):
