@@ -98,17 +98,19 @@ def run_protocol(
     data = _SplitCache(store, task, backbone, progress, stream)
     if grid:
         result.grid, result.train_config, result.config = _search(probe, data, train_config, grid, progress)
-    for seed in seeds:
-        model = build_method(method, result.config, backbone, len(task.classes))
-        cfg = result.train_config.updated(seed=seed)
-        with Measure(cfg.device) as measured:
-            model.fit(data.get("trainval", model), cfg, progress=progress)
+    shared_order = None if probe.in_loop else seeds[0]   # seeds trained together share one minibatch order
+    cfgs = [result.train_config.updated(seed=seed, order_seed=shared_order) for seed in seeds]
+    for group in ([[c] for c in cfgs] if probe.in_loop else [cfgs]):
+        models = [build_method(method, result.config, backbone, len(task.classes)) for _ in group]
+        with Measure(group[0].device) as measured:
+            type(models[0]).fit_many(models, data.get("trainval", models[0]), group, progress=progress)
         result.train_seconds += measured.seconds / len(seeds)
         result.peak_memory_mb = max(result.peak_memory_mb, measured.peak_mb)
         if "test" in task.splits:
-            result.test_accuracies.append(evaluate(model, data.get("test", model), cfg.device))
+            test = data.get("test", models[0])
+            result.test_accuracies += [evaluate(model, test, group[0].device) for model in models]
         if result.model is None:
-            result.model = model
+            result.model = models[0]
     result.trainable_params = count_trainable(result.model)
     return result
 
@@ -164,16 +166,33 @@ def _split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], di
 
 def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str, list[Any]],
             progress: bool) -> tuple[list[dict[str, Any]], TrainConfig, Any]:
-    rows, best, best_acc = [], (base, probe.config), -1.0
-    for point in grid_points(grid):
+    """Train every grid point on train, rank on val.
+
+    Points that share the method config train in one stacked pass (:meth:`Method.fit_many`);
+    methods that run the backbone in the loop train one point at a time (each holds
+    its own copy of what it adapts, and its optimiser state).
+    """
+    points = grid_points(grid)
+    runs = []
+    for point in points:
         train_changes, config_changes = _split_point(point, probe.config)
-        cfg, config = base.updated(**train_changes), dataclasses.replace(probe.config, **config_changes)
-        model = build_method(probe.name, config, probe.backbone_source(), probe.num_classes)
-        model.fit(data.get("train", model), cfg, val=data.get("val", model), progress=False)
-        accuracy = evaluate(model, data.get("val", model), cfg.device)
-        rows.append({**point, "val_accuracy": accuracy})
+        runs.append((base.updated(**train_changes), dataclasses.replace(probe.config, **config_changes)))
+    groups: dict[str, list[int]] = {}
+    for index, (_, config) in enumerate(runs):
+        groups.setdefault(f"{index}" if probe.in_loop else repr(config), []).append(index)
+    accuracies: dict[int, float] = {}
+    for members in groups.values():
+        models = [build_method(probe.name, runs[i][1], probe.backbone_source(), probe.num_classes) for i in members]
+        val = data.get("val", models[0])
+        type(models[0]).fit_many(models, data.get("train", models[0]), [runs[i][0] for i in members], val=val,
+                                 progress=progress)
+        for index, model in zip(members, models):
+            accuracies[index] = evaluate(model, val, runs[index][0].device)
+    rows, best, best_acc = [], (base, probe.config), -1.0
+    for index, point in enumerate(points):
+        rows.append({**point, "val_accuracy": accuracies[index]})
         if progress:
-            _log.info("  %s %s val=%.4f", probe.name, point, accuracy)
-        if accuracy > best_acc:
-            best, best_acc = (cfg, config), accuracy
+            _log.info("  %s %s val=%.4f", probe.name, point, accuracies[index])
+        if accuracies[index] > best_acc:
+            best, best_acc = runs[index], accuracies[index]
     return rows, best[0], best[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.data import TapData
+from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import TrainConfig, seeded, train
 
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -117,6 +118,22 @@ class Method(nn.Module):
         """
         self.reset_trainable(cfg.seed)
         return train(self, data, cfg, progress=progress, desc=self.name)
+
+    @classmethod
+    def fit_many(cls, models: Sequence["Method"], data: Any, cfgs: Sequence[TrainConfig], *,
+                 val: Any = None, progress: bool = False) -> list[list[float]]:
+        """Fit ``models[i]`` with ``cfgs[i]`` on the same ``data``, together where the method can.
+
+        What :meth:`fit` does for each, but every minibatch is read once for all of them
+        (:func:`frozenlens.train.stacked.train_many`): the VTAB grid and the final seeds
+        become one pass each. A method whose :meth:`fit` does more than the shared
+        trainer overrides this too; until it does, its models are fitted one at a time.
+        """
+        if cls.fit is not Method.fit:
+            return [m.fit(data, c, val=val, progress=progress) for m, c in zip(models, cfgs)]
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
+        return train_many(models, data, cfgs, progress=progress, desc=cls.name)
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -10,17 +10,18 @@ on them alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from frozenlens.backbones.taps import Tap, block_tap
 from frozenlens.methods.base import register
-from frozenlens.methods.layers import FeatureHead, group_lasso, strongest_features
-from frozenlens.methods.linear import LinearHeadMethod
+from frozenlens.methods.layers import FeatureHead, strongest_features
+from frozenlens.methods.linear import LinearHeadMethod, share_features
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, train
+from frozenlens.train.stacked import train_many
+from frozenlens.train.trainer import TrainConfig, seeded
 
 
 @dataclass
@@ -56,7 +57,6 @@ class Head2Toe(LinearHeadMethod):
         self.num_kept = max(1, round(config.keep_fraction * width))
         self.register_buffer("selected", torch.arange(self.num_kept))
         self.head = nn.Linear(self.num_kept, num_classes)
-        self._lasso_weight: nn.Linear | None = None
 
     @classmethod
     def taps(cls, config: Head2ToeConfig, backbone: dict[str, Any]) -> list[Tap]:
@@ -64,27 +64,34 @@ class Head2Toe(LinearHeadMethod):
         return [block_tap(i, r) for i in range(backbone["depth"]) for r in reductions]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """All features through the selection head while selecting, else the kept ones."""
-        if self._lasso_weight is not None:
-            return self._lasso_weight(x)
+        """Logits from the kept features."""
         return self.head(x[:, self.selected])
-
-    def regularization(self) -> torch.Tensor:
-        """Group lasso on the selection head while it trains, zero afterwards."""
-        if self._lasso_weight is None:
-            return torch.zeros(())
-        return self.config.group_lasso * group_lasso(self._lasso_weight.weight)
 
     def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
             progress: bool = False) -> list[float]:
         """Selection stage (all features, group lasso), keep the top rows, retrain the head."""
-        features = self.prepare_features(data)
-        self.reset_trainable(cfg.seed)
-        self._lasso_weight = nn.Linear(self.feature_count(), self.num_classes)
-        losses = self.train_head(features, cfg, progress, f"{self.name} select")
-        self.selected.copy_(strongest_features(self._lasso_weight.weight, self.num_kept))
-        self._lasso_weight = None
-        self.head.reset_parameters()
-        kept = TapData({"features": features.features["features"][:, self.selected]}, features.labels,
-                       features.num_classes)   # the kept columns once, not gathered again every step
-        return losses + train(FeatureHead(self.head), kept, cfg, progress=progress, desc=f"{self.name} retrain")
+        return self.fit_many([self], data, [cfg], val=val, progress=progress)[0]
+
+    @classmethod
+    def fit_many(cls, models: Sequence["Head2Toe"], data: TapData, cfgs: Sequence[TrainConfig], *,
+                 val: TapData | None = None, progress: bool = False) -> list[list[float]]:
+        """Both stages for every model: selection heads stacked on the shared features, then each
+        head retrained on its own kept columns (in lockstep: one minibatch order for all)."""
+        features = share_features(models, data)
+        selectors = []
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
+            with seeded(cfg.seed):
+                selectors.append(FeatureHead(nn.Linear(model.feature_count(), model.num_classes),
+                                             model.config.group_lasso))
+        losses = train_many(selectors, features, cfgs, progress=progress, desc=f"{cls.name} select")
+        kept = []
+        for model, selector, cfg in zip(models, selectors, cfgs):
+            model.selected.copy_(strongest_features(selector.linear.weight, model.num_kept))
+            with seeded(cfg.seed):
+                model.head.reset_parameters()
+            kept.append(TapData({"features": features.features["features"][:, model.selected]}, features.labels,
+                                features.num_classes))   # the kept columns once, not gathered every step
+        retrain = train_many([FeatureHead(m.head) for m in models], kept, cfgs, progress=progress,
+                             desc=f"{cls.name} retrain")
+        return [a + b for a, b in zip(losses, retrain)]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from frozenlens.errors import FrozenlensError
+from frozenlens.train.stacked import StackedView, copy_back, stack_parameters
 
 
 def concat_taps(features: dict[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
@@ -71,6 +72,39 @@ class FeatureHead(nn.Module):
         if not self.lasso:
             return torch.zeros(())
         return self.lasso * group_lasso(self.linear.weight)
+
+    @classmethod
+    def stack(cls, views: Sequence["FeatureHead"]) -> "StackedFeatureHead | None":
+        """Heads reading the same columns, stacked (:mod:`frozenlens.train.stacked`)."""
+        if any(v.selected is not None for v in views):
+            return None
+        return StackedFeatureHead(views)
+
+
+class StackedFeatureHead(StackedView):
+    """``C`` linear heads on one shared feature matrix: one ``(B, F) @ (F, C*K)`` matmul."""
+
+    def __init__(self, views: Sequence[FeatureHead]):
+        super().__init__()
+        self.views = list(views)
+        self.weight = stack_parameters([v.linear.weight for v in views])   # (C, K, F)
+        self.bias = stack_parameters([v.linear.bias for v in views])       # (C, K)
+        self.register_buffer("lasso", torch.tensor([float(v.lasso) for v in views]))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        configs, classes, width = self.weight.shape
+        x = batch["features"]
+        logits = x @ self.weight.reshape(configs * classes, width).t()     # (B, C*K)
+        return logits.view(-1, configs, classes).transpose(0, 1) + self.bias[:, None]
+
+    def regularization(self) -> torch.Tensor:
+        if not bool(self.lasso.any()):
+            return torch.zeros(())
+        return self.lasso * self.weight.square().sum(1).sqrt().sum(1)     # group lasso per head
+
+    def unstack(self) -> None:
+        copy_back(self.weight, [v.linear.weight for v in self.views])
+        copy_back(self.bias, [v.linear.bias for v in self.views])
 
 
 def init_kaiming_head(linear: nn.Linear) -> None:

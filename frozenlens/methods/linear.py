@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from frozenlens.backbones.taps import Tap
 from frozenlens.methods.base import Method, register
-from frozenlens.methods.layers import Standardize, concat_taps
+from frozenlens.methods.layers import FeatureHead, Standardize, concat_taps
 from frozenlens.train.data import TapData
+from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import TrainConfig, train
 
 LINEAR_GRID = {"lr": [1e-2, 1e-3, 1e-4], "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
@@ -70,21 +71,28 @@ class LinearHeadMethod(Method):
 
     def train_head(self, features: TapData, cfg: TrainConfig, progress: bool, desc: str) -> list[float]:
         """Train :meth:`classify` on precomputed feature vectors."""
-        return train(_Classifier(self), features, cfg, progress=progress, desc=desc)
+        return train(FeatureHead(self.head), features, cfg, progress=progress, desc=desc)
+
+    @classmethod
+    def fit_many(cls, models: Sequence["LinearHeadMethod"], data: TapData, cfgs: Sequence[TrainConfig], *,
+                 val: TapData | None = None, progress: bool = False) -> list[list[float]]:
+        """:meth:`fit` for every model: the features standardised once, the heads trained stacked."""
+        if cls.fit is not LinearHeadMethod.fit:
+            return super().fit_many(models, data, cfgs, val=val, progress=progress)
+        features = share_features(models, data)
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
+        return train_many([FeatureHead(m.head) for m in models], features, cfgs, progress=progress,
+                          desc=cls.name)
 
 
-class _Classifier(nn.Module):
-    """Training view of a linear-head method: logits from precomputed features."""
-
-    def __init__(self, method: LinearHeadMethod):
-        super().__init__()
-        self.method = method
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.method.classify(batch["features"])
-
-    def regularization(self) -> torch.Tensor:
-        return self.method.regularization()
+def share_features(models: Sequence[LinearHeadMethod], data: TapData) -> TapData:
+    """The first model's standardised features of ``data``; the others get its statistics
+    (the same data gives the same statistics, so they are computed once)."""
+    features = models[0].prepare_features(data)
+    for model in models[1:]:
+        model.standardize.load_state_dict(models[0].standardize.state_dict())
+    return features
 
 
 def _flat_size(tap: Tap, backbone: dict[str, Any]) -> int:

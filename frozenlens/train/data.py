@@ -136,5 +136,9 @@ class TapData:
                 device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Minibatches ``(features, labels)``; shuffled with ``generator`` when asked."""
         for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
-            batch = {k: v[idx].to(device).float() for k, v in self.features.items()}
-            yield batch, self.labels[idx].to(device)
+            yield self.batch(idx, device)
+
+    def batch(self, idx: torch.Tensor, device: str | torch.device = "cpu",
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows ``idx`` as one batch ``(features in float32, labels)`` on ``device``."""
+        return {k: v[idx].to(device).float() for k, v in self.features.items()}, self.labels[idx].to(device)

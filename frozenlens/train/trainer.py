@@ -38,6 +38,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    order_seed: int | None = None
+    """Seed of the minibatch order (None: ``seed``). Configurations trained together
+    (:mod:`frozenlens.train.stacked`) share one order; ``seed`` still draws each one's
+    initialisation and dropout."""
 
     def __post_init__(self) -> None:
         """Refuse values that cannot train (the one place training values are checked).
@@ -114,8 +118,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def lr_factor(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier of each step: linear warm-up from 0 over ``warmup_steps``,
+    then cosine decay to 0 at ``total_steps``."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -123,7 +128,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """The :func:`lr_factor` schedule as a ``LambdaLR`` on ``optimizer``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(warmup_steps, total_steps))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -165,7 +175,7 @@ def train(model: nn.Module, data: TapData, cfg: TrainConfig, *, progress: bool =
 
 def _train(model: nn.Module, data: TapData, cfg: TrainConfig, progress: bool, desc: str,
            objective: Objective) -> list[float]:
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed if cfg.order_seed is None else cfg.order_seed)
     model.to(cfg.device).train()
     optimizer = make_optimizer(trainable_parameters(model), cfg)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)

@@ -38,7 +38,9 @@ from frozenlens.methods.layers import init_kaiming_head as _init_head
 from frozenlens.methods.layers import patch_area as _patch_area
 from frozenlens.methods.layers import strongest_features
 from frozenlens.methods.vqt.query_attention import check_block, input_taps, query_block
+from frozenlens.methods.vqt.stacked import StackedVQT, can_stack
 from frozenlens.train.data import TapData
+from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import TrainConfig, seeded, train
 
 AGGREGATES = ("concat", "weighted_sum")
@@ -185,14 +187,24 @@ class VQT(Method):
         tap data (``TapData.streamed``) stays on disk: ``norm1`` is then applied per
         minibatch, as in the backbone, instead of to an in-memory copy of every input.
         """
-        self.reset_trainable(cfg.seed)
+        return self.fit_many([self], data, [cfg], val=val, progress=progress)[0]
+
+    @classmethod
+    def fit_many(cls, models: Sequence["VQT"], data: Any, cfgs: Sequence[TrainConfig], *,
+                 val: Any = None, progress: bool = False) -> list[list[float]]:
+        """:meth:`fit` for every model: ``norm1`` of the stored inputs computed once, and the
+        models trained as one stack (:class:`~frozenlens.methods.vqt.stacked.StackedVQT`)
+        when their configs match, else in lockstep on the same minibatches."""
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
         if isinstance(data, TapData) and not data.streamed:
-            source, model = self.normed_inputs(data), _NormedInputs(self)
+            source, views = models[0].normed_inputs(data), [_NormedInputs(m) for m in models]
         else:
-            source, model = data, self
-        losses = train(model, source, cfg, progress=progress, desc=self.name)
-        if self.config.compress:
-            losses += self._compress(source, model, cfg, progress)
+            source, views = data, list(models)
+        losses = train_many(views, source, cfgs, progress=progress, desc=cls.name)
+        for model, view, cfg, run in zip(models, views, cfgs, losses):
+            if model.config.compress:
+                run += model._compress(source, view, cfg, progress)
         return losses
 
     @torch.no_grad()
@@ -259,6 +271,14 @@ class _NormedInputs(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.method.classify(self.method.features(batch, normed=True))
+
+    @classmethod
+    def stack(cls, views: Sequence["_NormedInputs"]) -> StackedVQT | None:
+        """The models of ``views`` as one :class:`StackedVQT`, when their configs match."""
+        methods = [v.method for v in views]
+        if not can_stack(methods):
+            return None
+        return StackedVQT(methods, CLS_KEY, methods[0]._input_keys(True))
 
 
 def _check_config(config: VQTConfig) -> None:
