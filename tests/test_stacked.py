@@ -122,3 +122,28 @@ def test_linear_heads_and_vqt_take_the_fat_stacked_path(stored, tiny_backbone, m
         type(models[0]).fit_many(models, data, _cfgs("adam"))
         assert calls, f"{name} did not train stacked"
         monkeypatch.setattr(kind, "forward", original)
+
+
+def test_inca_with_val_and_mist_candidate_depths_train_in_lockstep_like_alone(stored, tiny_backbone):
+    """InCA ranking on val and MIST's candidate depths (different g_k per model) in one pass."""
+    store, task = stored
+    cfgs = _cfgs("adamw", seeds=(0, 1, 2))
+    inca = [build_method("inca", {"layers": "10+11"}, tiny_backbone, len(task.classes)) for _ in cfgs]
+    train = split_data(store, task, "train", inca[0].tap_keys())
+    val = split_data(store, task, "val", inca[0].tap_keys())
+    type(inca[0]).fit_many(inca, train, cfgs, val=val)
+    for model, cfg in zip(inca, cfgs):
+        alone = build_method("inca", {"layers": "10+11"}, tiny_backbone, len(task.classes))
+        alone.fit(train, cfg, val=val)
+        assert alone.config.layers == model.config.layers
+        assert torch.allclose(predict_logits(alone, val), predict_logits(model, val), atol=1e-4)
+    mist = [build_method("mist", {"gather_depth": k, "lae_blocks": 1}, tiny_backbone, len(task.classes))
+            for k in (4, 8, 12)]
+    data = split_data(store, task, "train", sorted({key for m in mist for key in m.tap_keys()}))
+    type(mist[0]).fit_many(mist, data, _cfgs("adamw"))
+    for model, cfg in zip(mist, _cfgs("adamw")):
+        alone = build_method("mist", {"gather_depth": model.config.gather_depth, "lae_blocks": 1}, tiny_backbone,
+                             len(task.classes))
+        alone.fit(data, cfg)
+        for a, b in zip(alone.state_dict().values(), model.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=2e-4)

@@ -32,6 +32,7 @@ from frozenlens.backbones.taps import Tap, block_tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.train.data import TapData
+from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import TrainConfig, train
 
 LayerSpec = str | tuple[int, ...]
@@ -386,6 +387,24 @@ class ParallelAdapters(Method):
         if val is None and self.config.refit:
             self.reset_trainable(cfg.seed)
             losses += train_parallel(self, data, cfg, progress=progress, desc=f"{self.name} refit")
+        return losses
+
+    @classmethod
+    def fit_many(cls, models: Sequence["ParallelAdapters"], data: TapData, cfgs: Sequence[TrainConfig], *,
+                 val: TapData | None = None, progress: bool = False) -> list[list[float]]:
+        """Models that train on all of ``data`` (no selection, or selection on ``val``) train in
+        lockstep: each minibatch of block tokens read once for all. Models that rank on a seeded
+        holdout of ``data`` (its split differs per seed) fit one at a time."""
+        if any(m.selects() for m in models) and val is None:
+            return [m.fit(data, c, val=val, progress=progress) for m, c in zip(models, cfgs)]
+        keys = models[0].tap_keys()
+        shared = data.subset(keys)
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
+        losses = train_many(models, shared, cfgs, progress=progress, desc=cls.name, objective=slot_objective)
+        for model, cfg in zip(models, cfgs):
+            if model.selects():
+                model.select(val.subset(keys), cfg)
         return losses
 
     def select(self, data: TapData, cfg: TrainConfig) -> list[int]:

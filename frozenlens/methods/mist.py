@@ -25,7 +25,7 @@ paper's, the measured costs, and where this differs from the papers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.train.data import TapData
-from frozenlens.train.trainer import TrainConfig, count_trainable, seeded, train
+from frozenlens.train.stacked import train_many
+from frozenlens.train.trainer import TrainConfig, count_trainable, seeded
 
 EMBED_KEY = "embed:tokens"
 POOLS = ("cls", "mean")
@@ -281,11 +282,8 @@ class MIST(SideNetwork):
         candidate, ranked on ``val`` (else on a seeded holdout, then refitted on all of
         ``data``). The candidates' accuracies are kept in ``gather_accuracy``.
         """
-        k = self.config.gather_depth
-        if k:
-            self.reset_trainable(cfg.seed)
-            ready = data.subset([gather_key(k)]) if gather_key(k) in data.features else gathered_data(data, k)
-            return train(self, ready, cfg, progress=progress, desc=f"{self.name} k={k}")
+        if self.config.gather_depth:
+            return self.fit_many([self], data, [cfg], progress=progress)[0]
         depth = self.backbone_info["depth"]
         chosen = fit_selecting(self, "gather_depth", gather_candidates(depth), data, cfg, val=val,
                                holdout_fraction=self.config.holdout_fraction,
@@ -293,6 +291,25 @@ class MIST(SideNetwork):
         for candidate, accuracy in chosen.accuracy.items():
             self.gather_accuracy[candidate - 1] = accuracy
         return chosen.losses
+
+    @classmethod
+    def fit_many(cls, models: Sequence["MIST"], data: TapData, cfgs: Sequence[TrainConfig], *,
+                 val: TapData | None = None, progress: bool = False) -> list[list[float]]:
+        """Models with a fixed gather depth train in lockstep, each g_k computed once and shared
+        by every model of that k (candidate depths are configurations too); models that choose
+        k themselves (``gather_depth=0``) fit one at a time."""
+        if any(not m.config.gather_depth for m in models):
+            return [m.fit(data, c, val=val, progress=progress) for m, c in zip(models, cfgs)]
+        ready: dict[int, TapData] = {}
+        for model in models:
+            k = model.config.gather_depth
+            if k not in ready:
+                ready[k] = data.subset([gather_key(k)]) if gather_key(k) in data.features else gathered_data(data, k)
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
+        inputs = [ready[m.config.gather_depth] for m in models]
+        shared = inputs[0] if len(ready) == 1 else inputs
+        return train_many(models, shared, cfgs, progress=progress, desc=cls.name)
 
 
 @register

@@ -90,10 +90,11 @@ def fit_selecting(method: "Method", setting: str, candidates: Sequence[Any], dat
 
     train_on, rank_on = selection_split(data, val, holdout_fraction, cfg.seed)
     selection, best = Selection(setting, None), None
-    for value in candidates:
-        config = dataclasses.replace(method.config, **{setting: value})
-        sibling = build_method(method.name, config, method.backbone_source(), method.num_classes)
-        selection.losses += sibling.fit(train_on, cfg, progress=progress)
+    siblings = [build_method(method.name, dataclasses.replace(method.config, **{setting: value}),
+                             method.backbone_source(), method.num_classes) for value in candidates]
+    runs = type(method).fit_many(siblings, train_on, [cfg] * len(siblings), progress=progress)  # one pass
+    for value, sibling, run in zip(candidates, siblings, runs):
+        selection.losses += run
         accuracy, loss = accuracy_and_loss(sibling, rank_on, cfg.batch_size, cfg.device)
         selection.accuracy[value], selection.loss[value] = accuracy, loss
         if progress:
