@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -49,12 +50,13 @@ def test_store_matches_direct_forward(tiny_task, tiny_backbone, tmp_path):
     assert store.bytes_per_image > 0
 
 
-def test_second_extraction_reuses_the_store_and_subsets(tiny_task, tiny_backbone, tmp_path, capsys):
+def test_second_extraction_reuses_the_store_and_subsets(tiny_task, tiny_backbone, tmp_path, caplog):
     images = _images(tiny_task)
     first = extract(tiny_backbone, images, TAPS, root=tmp_path, progress=False)
-    again = extract(tiny_backbone, images, TAPS[:1], root=tmp_path, progress=True)
+    with caplog.at_level(logging.INFO, logger="frozenlens"):
+        again = extract(tiny_backbone, images, TAPS[:1], root=tmp_path, progress=True)
     assert again.path == first.path
-    assert "reusing activation store" in capsys.readouterr().out
+    assert "reusing activation store" in caplog.text
     assert first.meta["dtype"] == "float16"
 
 

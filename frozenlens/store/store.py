@@ -19,7 +19,10 @@ processes may extract the same store at once: they share the shards out, and
 each waits for the shards the others are writing. An interrupted extraction
 resumes at the missing shards and never recomputes a finished one. Every shard
 has a manifest (shape, dtype, size, BLAKE2b hash per file) that opening a store
-checks cheaply and :func:`verify_store` checks in full. Arrays are plain ``.npy``
+checks cheaply and :func:`verify_store` checks in full. While the backbone runs,
+DataLoader workers decode and preprocess the next images
+(:mod:`frozenlens.store.loader`) and a background thread writes the previous
+shard; the stored bytes are the same with or without workers. Arrays are plain ``.npy``
 (loaded with ``allow_pickle=False``) plus JSON: nothing in a store can execute code.
 """
 
@@ -30,9 +33,11 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,9 +46,10 @@ from tqdm.auto import tqdm
 from frozenlens.atomic import write_json
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
-from frozenlens.errors import StoreError
+from frozenlens.errors import ConfigError, StoreError
 from frozenlens.paths import cache_dir, ensure_dir
 from frozenlens.store.fingerprint import images_fingerprint
+from frozenlens.store.loader import ImageFiles, preprocessed_batches, resolve_workers
 from frozenlens.store.locks import file_lock, shard_lock_file, store_lock_file
 from frozenlens.store.shards import (
     COMPLETE,
@@ -363,6 +369,7 @@ def extract(
     progress: bool = True,
     device: str | torch.device | None = None,
     verify: bool = False,
+    num_workers: int | None = None,
 ) -> ActivationStore:
     """Run ``backbone`` once over ``images`` and store ``taps``; resume or reuse when possible.
 
@@ -379,6 +386,11 @@ def extract(
         device: where to run the backbone (default: where it is).
         verify: check the hashes and values of an existing store's shards
             (:func:`verify_store`) before reusing it; damaged shards are re-extracted.
+        num_workers: processes that decode and preprocess images while the backbone
+            runs (a torch ``DataLoader``; the stored values do not depend on it).
+            None: one per available core, at most 4 (none for a single batch); 0:
+            decode on this thread between backbone passes. Ignored for a
+            :class:`TapSource`.
 
     Returns:
         The complete store. An existing complete store with the same backbone,
@@ -387,6 +399,10 @@ def extract(
     """
     if dtype not in _DTYPES:
         raise StoreError(f"dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ConfigError(f"num_workers={num_workers!r}: give a whole number of worker processes "
+                          "(0: decode images on the main thread), or None for the default")
     root = Path(root) if root else store_root()
     taps = sorted(set(taps))
     paths = [str(Path(p)) for p in images]
@@ -396,13 +412,13 @@ def extract(
     existing = find_store(root, plan.base_key, plan.taps, verify=verify)
     if existing is not None:
         if progress:
-            print(f"reusing activation store {existing.path} ({existing.num_images} images)")
+            logger.info("reusing activation store %s (%d images)", existing.path, existing.num_images)
         return existing
     path = ensure_dir(root / plan.key)
     meta = _write_meta(path, plan, backbone, taps, shard_size)
     if verify:
         _repair(path, meta, full=True, shards=published_shards(path))
-    _extract_missing(path, meta, backbone, taps, batch_size, progress, device)
+    _extract_missing(path, meta, backbone, taps, batch_size, progress, device, num_workers)
     return _finish(path, meta)
 
 
@@ -451,21 +467,26 @@ def _set_aside_all(path: Path) -> None:
 
 
 def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TapSource, taps: list[Tap],
-                     batch_size: int, progress: bool, device) -> None:
+                     batch_size: int, progress: bool, device, num_workers: int | None) -> None:
     """Compute every shard not yet published, sharing the work with concurrent extractions."""
     ensure_dir(path / "shards")
     clean_stale_temps(path)
     todo = [s for s in range(meta["num_shards"]) if not shard_dir(path, s).is_dir()]
     if progress and len(todo) < meta["num_shards"]:
-        print(f"resuming extraction in {path}: {meta['num_shards'] - len(todo)}/{meta['num_shards']} "
-              "shards already done")
-    desc = "extracting" if isinstance(backbone, FrozenBackbone) else f"fetching ({backbone.origin})"
+        logger.info("resuming extraction in %s: %d/%d shards already done", path,
+                    meta["num_shards"] - len(todo), meta["num_shards"])
+    local = isinstance(backbone, FrozenBackbone)
+    desc = "extracting" if local else f"fetching ({backbone.origin})"
     finished = meta["num_images"] - sum(shard_rows(meta, s) for s in todo)
     bar = tqdm(total=meta["num_images"], initial=finished, unit="img", desc=desc,
                disable=not progress, dynamic_ncols=True)
     with bar:
+        if local:
+            _LocalExtraction(path, meta, backbone, taps, batch_size, device, num_workers, bar).run(todo)
+            return
+
         def compute(images: list[str]) -> dict[str, np.ndarray]:
-            return _run_shard(backbone, images, taps, batch_size, meta["dtype"], device, bar)
+            return _fetch_shard(backbone, images, taps, batch_size, meta["dtype"], bar)
 
         busy = [s for s in todo if not _extract_shard(path, meta, s, compute, bar, blocking=False)]
         for shard in busy:  # being written by another process: wait for it (or take over)
@@ -487,26 +508,104 @@ def _extract_shard(path: Path, meta: dict, shard: int, compute, bar, *, blocking
         return True
 
 
-def _run_shard(backbone: FrozenBackbone | TapSource, image_paths: list[str], taps: list[Tap],
-               batch_size: int, dtype: str, device, bar) -> dict[str, np.ndarray]:
-    from frozenlens.data.images import load_image
+class _LocalExtraction:
+    """Fills a store's missing shards from a local backbone, keeping the backbone busy.
 
-    if not isinstance(backbone, FrozenBackbone):
-        return _fetch_shard(backbone, image_paths, taps, batch_size, dtype, bar)
+    Three things overlap: worker processes decode and preprocess the next batches
+    (:mod:`frozenlens.store.loader`), the backbone computes the current one, and
+    a background thread writes the previous shard. Shards are claimed lazily, in
+    order, as the loader needs their first batch: a claimed shard's lock is held
+    from then until it is published, so other processes skip it, and claiming
+    never blocks while a lock is held (pass 1). Shards held by other processes
+    are waited for afterwards, one at a time (pass 2). Batches never span shards
+    and are cut as without workers, so the values do not depend on the workers.
+    """
 
-    transform = backbone.transform()
-    torch_dtype, _ = _DTYPES[dtype]
-    device = device or next(backbone.parameters()).device
-    parts: dict[str, list[np.ndarray]] = {t.key: [] for t in taps}
-    for start in range(0, len(image_paths), batch_size):
-        chunk = image_paths[start:start + batch_size]
-        batch = torch.stack([transform(load_image(Path(p))) for p in chunk]).to(device)
-        with torch.inference_mode():
-            values = backbone.forward_taps(batch, taps)
-        for key, value in values.items():
-            parts[key].append(value.to(torch_dtype).cpu().numpy())
-        bar.update(len(chunk))
-    return {key: np.concatenate(chunks) for key, chunks in parts.items()}
+    def __init__(self, path: Path, meta: dict, backbone: FrozenBackbone, taps: list[Tap], batch_size: int,
+                 device, num_workers: int | None, bar):
+        self.path, self.meta, self.backbone, self.taps = path, meta, backbone, taps
+        self.batch_size, self.num_workers, self.bar = batch_size, num_workers, bar
+        self.device = torch.device(device) if device else next(backbone.parameters()).device
+        self.torch_dtype, self.np_dtype = _DTYPES[meta["dtype"]]
+        self.claimed: dict[int, ExitStack] = {}  # shards whose lock is held, not yet handed to the writer
+        self.filling: dict[int, tuple[dict[str, np.ndarray], list[int]]] = {}
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="frozenlens-shard-writer")
+        self.pending: Future | None = None
+
+    def run(self, todo: list[int]) -> None:
+        if not todo:
+            return
+        dataset = ImageFiles(self.meta["images"], self.backbone.transform())
+        try:
+            busy: list[int] = []
+            self._compute(dataset, self._claim(todo, busy, blocking=False), self._batches(todo))
+            for shard in busy:  # being written by another process: wait for it (or take over)
+                logger.info("%s: waiting for another process writing shard %06d", self.path, shard)
+                self._compute(dataset, self._claim([shard], [], blocking=True), self._batches([shard]))
+            self._wait_for_write()
+        finally:
+            self.writer.shutdown(wait=True)  # a write under way finishes and releases its lock
+            for lock in self.claimed.values():
+                lock.close()
+
+    def _batches(self, shards: list[int]) -> int:
+        return sum(-(-shard_rows(self.meta, s) // self.batch_size) for s in shards)
+
+    def _claim(self, shards: list[int], busy: list[int], *, blocking: bool) -> Iterator[list[int]]:
+        """Rows of each batch of the shards this process takes, taking each shard's lock first;
+        shards another process holds go to ``busy``."""
+        size = self.meta["shard_size"]
+        for shard in shards:
+            lock = ExitStack()
+            if not lock.enter_context(file_lock(shard_lock_file(self.path, shard), blocking=blocking)):
+                lock.close()
+                busy.append(shard)
+                continue
+            if shard_dir(self.path, shard).is_dir():  # published by another process meanwhile
+                lock.close()
+                self.bar.update(shard_rows(self.meta, shard))
+                continue
+            self.claimed[shard] = lock
+            start = shard * size
+            stop = start + shard_rows(self.meta, shard)
+            for first in range(start, stop, self.batch_size):
+                yield list(range(first, min(first + self.batch_size, stop)))
+
+    def _compute(self, dataset: ImageFiles, batches: Iterator[list[int]], count: int) -> None:
+        pin = self.device.type == "cuda"
+        workers = resolve_workers(self.num_workers, count)
+        for rows, images in preprocessed_batches(dataset, batches, num_workers=workers, pin_memory=pin):
+            with torch.inference_mode():
+                values = self.backbone.forward_taps(images.to(self.device, non_blocking=pin), self.taps)
+            shard = int(rows[0]) // self.meta["shard_size"]
+            arrays, filled = self.filling.setdefault(shard, (self._new_arrays(shard), [0]))
+            offset = int(rows[0]) - shard * self.meta["shard_size"]
+            for key, value in values.items():
+                arrays[key][offset:offset + len(rows)] = value.to(self.torch_dtype).cpu().numpy()
+            filled[0] += len(rows)
+            self.bar.update(len(rows))
+            if filled[0] == shard_rows(self.meta, shard):
+                self._publish(shard, self.filling.pop(shard)[0])
+
+    def _new_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        rows = shard_rows(self.meta, shard)
+        return {t.key: np.empty((rows, *self.meta["shapes"][t.key]), dtype=self.np_dtype) for t in self.taps}
+
+    def _publish(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write ``shard`` in the background (after the previous one) and release its lock."""
+        self._wait_for_write()
+        lock = self.claimed.pop(shard)
+
+        def write() -> None:
+            with lock:
+                _write_shard(self.path, shard, arrays)
+
+        self.pending = self.writer.submit(write)
+
+    def _wait_for_write(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
 
 def _fetch_shard(source: TapSource, image_paths: list[str], taps: list[Tap], batch_size: int,
