@@ -203,6 +203,7 @@ def fit(
     batch_size: int = 32,
     progress: bool = True,
     low_memory: bool = False,
+    num_workers: int | None = None,
 ) -> FitReport:
     """Fit one or more methods on a task from one extraction of the backbone.
 
@@ -238,6 +239,7 @@ def fit(
         progress: progress bars and messages.
         low_memory: leave stored taps on disk and read every minibatch from the store, so
             training memory is one batch rather than the whole split (for edge devices).
+        num_workers: processes decoding images during extraction (see :func:`frozenlens.store.extract`).
     """
     task = data if isinstance(data, Task) else load_task(data)
     specs = parse_specs(methods)
@@ -271,7 +273,7 @@ def fit(
         check_taps(taps, int(info["depth"]), str(info.get("name", "the backbone")))
     started = time.perf_counter()
     store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
-                    batch_size=batch_size, progress=progress, device=device,
+                    batch_size=batch_size, progress=progress, device=device, num_workers=num_workers,
                     shard_size=batch_size if remote else None) if taps else None
     extract_seconds = time.perf_counter() - started
     results, records = {}, []

@@ -209,3 +209,19 @@ def test_progress_counts_images_and_messages_are_logged(tiny_task, tiny_backbone
     assert "resuming extraction" in caplog.text and "3/4 shards already done" in caplog.text
     assert "reusing activation store" in caplog.text
     assert not capsys.readouterr().out  # messages go to the log, not stdout
+
+
+def test_cli_extract_and_fit_take_a_worker_count(tiny_task, tmp_path, monkeypatch, capsys):
+    from frozenlens.cli import main
+
+    monkeypatch.setenv("FROZENLENS_CACHE", str(tmp_path / "cache"))
+    argv = ["extract", str(tiny_task), "--tap", "final:cls", "--backbone", "random:vit_tiny_patch16_224",
+            "--img-size", "32"]
+    assert main(argv + ["--workers", "1"]) == 0
+    assert "81 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(argv + ["--workers", "-1"])
+    assert exited.value.code == 2 and "--workers" in capsys.readouterr().err
+    fit = ["fit", str(tiny_task), "--backbone", "random:vit_tiny_patch16_224", "--img-size", "32",
+           "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "run")]
+    assert main(fit) == 0

@@ -37,6 +37,7 @@ def add_parsers(sub: Any) -> None:
     extract.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
     extract.add_argument("--batch-size", type=positive_int, default=32,
                          help="images per backbone pass (default: 32)")
+    _add_workers_arg(extract)
     extract.add_argument("--verify", action="store_true",
                          help="check every shard of an existing store against the hashes recorded "
                               "when it was written (and for NaN/inf); damaged shards are set aside "
@@ -58,11 +59,24 @@ def _add_fit_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="override the methods' default epochs")
     parser.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
                         help="precision of stored activations (default: float16)")
+    _add_workers_arg(parser)
     parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="leave stored taps on disk and read each minibatch from the store: "
                              "memory stays at one batch however many images (default: on with "
                              "--remote, off otherwise; epochs are slower when the store is not in "
                              "the OS page cache)")
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number (0: no worker processes)")
+    return int(text)
+
+
+def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_worker_count, metavar="N",
+                        help="processes decoding images while the backbone runs during extraction "
+                             "(default: one per core, at most 4; 0: decode between backbone passes)")
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -79,7 +93,7 @@ def run_fit(args: argparse.Namespace) -> int:
         backbone = remote_source(args, args.codec)
     report = fit(task, args.methods or ["linear"], backbone=backbone, arch=args.arch,
                  img_size=args.img_size, grid=args.grid, seeds=args.seeds, epochs=args.epochs, out=out,
-                 device=args.device, store_dtype=args.store_dtype,
+                 device=args.device, store_dtype=args.store_dtype, num_workers=args.workers,
                  low_memory=bool(args.remote) if args.low_memory is None else args.low_memory)
     print_report(report)
     return 0
@@ -117,6 +131,6 @@ def run_extract(args: argparse.Namespace) -> int:
     check_taps(taps, net.depth, net.name)
     store = extract(net, [str(i.path) for i in task.all_images()], sorted(taps),
                     dtype=args.store_dtype, batch_size=args.batch_size, device=args.device,
-                    verify=args.verify)
+                    verify=args.verify, num_workers=args.workers)
     print(f"store: {store.path} ({store.num_images} images, {store.bytes_per_image / 1024:.1f} KB/img)")
     return 0
