@@ -351,6 +351,8 @@ def _open_candidate(meta_file: Path, base_key: str, wanted: set[str],
             return None
         if not (meta_file.parent / COMPLETE).is_file():
             return None
+        if verify:
+            logger.info("checking every shard of activation store %s (hashes and values)", meta_file.parent)
         return ActivationStore(meta_file.parent, verify=verify)
     except StoreError as err:
         logger.warning("skipping activation store: %s", err)
@@ -416,7 +418,8 @@ def extract(
         return existing
     path = ensure_dir(root / plan.key)
     meta = _write_meta(path, plan, backbone, taps, shard_size)
-    if verify:
+    if verify and published_shards(path):
+        logger.info("checking the finished shards of %s (hashes and values)", path)
         _repair(path, meta, full=True, shards=published_shards(path))
     _extract_missing(path, meta, backbone, taps, batch_size, progress, device, num_workers)
     return _finish(path, meta)
