@@ -110,6 +110,26 @@ def test_low_memory_fit_holds_no_normed_copy_and_trains_the_same_model(tiny_task
         torch.testing.assert_close(value, lean.model.state_dict()[key], rtol=1e-3, atol=1e-3)
 
 
+def test_head_input_is_the_papers_plain_concatenation_unless_normalize(tiny_backbone):
+    """Paper: final CLS and the summaries concatenated; normalize=true L2-normalises each part
+    (the official code's default; docs/methods/vqt.md has the measured comparison)."""
+    assert make_config("vqt").normalize is False
+    plain = build_method("vqt", None, tiny_backbone, 3).eval()
+    normed = build_method("vqt", {"normalize": True}, tiny_backbone, 3).eval()
+    normed.load_state_dict(plain.state_dict())
+    taps = [Tap.parse(k) for k in plain.tap_keys()]
+    batch = tiny_backbone.forward_taps(_images(tiny_backbone), taps)
+    dim, depth = tiny_backbone.dim, tiny_backbone.depth
+    with torch.no_grad():
+        summaries = plain.summaries(batch, normed=False)
+        raw, unit = plain.features(batch, normed=False), normed.features(batch, normed=False)
+    expected = torch.cat([batch["final:cls"]] + [s.flatten(1) for s in summaries], dim=1)
+    torch.testing.assert_close(raw, expected)
+    parts = unit.view(len(unit), depth + 1, dim)
+    torch.testing.assert_close(parts.norm(dim=-1), torch.ones(len(unit), depth + 1))
+    torch.testing.assert_close(parts, torch.nn.functional.normalize(expected.view_as(parts), dim=-1))
+
+
 def test_only_queries_and_head_train(tiny_task, tiny_backbone):
     method = build_method("vqt", {"aggregate": "weighted_sum"}, tiny_backbone, 3)
     task, store = _vqt_store(tiny_task, tiny_backbone, method, dtype="float16")

@@ -5,9 +5,10 @@ queries: keys and values come from the block's original input tokens, so the
 backbone's activations stay exactly what they were (see
 :mod:`frozenlens.methods.vqt.query_attention`). The query rows go through the rest
 of the frozen block, and their outputs summarise block ``l``. A linear head
-reads the final CLS token plus every block's summary, each L2-normalised and
-concatenated (or, with ``aggregate="weighted_sum"``, summed with learned
-weights). Optionally the features are compressed afterwards with Head2Toe's
+reads the final CLS token plus every block's summary, concatenated as in the
+paper (or, with ``aggregate="weighted_sum"``, summed with learned weights);
+``normalize=true`` L2-normalises each part first, as the official code does.
+Optionally the features are compressed afterwards with Head2Toe's
 group-lasso selection: the queries are frozen, a head with a group-lasso
 penalty ranks the features, and a fresh head is trained on the top
 ``keep_fraction``.
@@ -59,7 +60,9 @@ class VQTConfig:
             tasks; 10-20 helps structured ones).
         aggregate: ``"concat"`` (paper default) or ``"weighted_sum"``: one learned
             weight per summary vector and for the CLS token, summed into a D-vector.
-        normalize: L2-normalise the CLS token and each block's summary before the head.
+        normalize: L2-normalise the CLS token and each block's summary before the head
+            (official code: on by default; the paper does not mention it, and a shortened
+            CIFAR-10 run showed no clear difference, ``benchmarks/results/vqt_normalize.md``).
         query_dropout: dropout on the query tokens while training (official scripts: 0.1).
         compress: after training, select features with group lasso and retrain the head.
         keep_fraction: fraction of the features kept when compressing (paper: 0.7).
@@ -68,7 +71,7 @@ class VQTConfig:
 
     num_queries: int = 1
     aggregate: str = "concat"
-    normalize: bool = True
+    normalize: bool = False
     query_dropout: float = 0.1
     compress: bool = False
     keep_fraction: float = 0.7
