@@ -263,9 +263,6 @@ def test_check_taps_unit():
 # -- method settings --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="VQTConfig checks aggregate only when the model is built "
-                   "(frozenlens/methods/vqt/model.py _check_config, after extraction); needs a "
-                   "VQTConfig.__post_init__ there (not this change's file)")
 def test_unknown_vqt_aggregate_is_refused_at_spec_parse():
     with pytest.raises(FrozenlensError, match="aggregate"):
         MethodSpec.parse("vqt:aggregate=bogus")

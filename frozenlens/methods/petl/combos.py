@@ -46,13 +46,14 @@ class QueryConfig:
     Attributes:
         num_queries: query tokens per block (VQT: 1).
         aggregate: ``"concat"`` or ``"weighted_sum"`` (see VQT).
-        normalize: L2-normalise the CLS token and each summary before the head.
+        normalize: L2-normalise the CLS token and each summary before the head (off by
+            default, as the paper and VQT alone; the official code turns it on).
         query_dropout: dropout on the query tokens while training (VQT: 0.1).
     """
 
     num_queries: int = 1
     aggregate: str = "concat"
-    normalize: bool = True
+    normalize: bool = False
     query_dropout: float = 0.1
 
 

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
+from frozenlens.errors import ConfigError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import FeatureHead as _FeatureHead
 from frozenlens.methods.layers import init_kaiming_head as _init_head
@@ -76,6 +77,13 @@ class VQTConfig:
     compress: bool = False
     keep_fraction: float = 0.7
     group_lasso: float = 1e-4
+
+    def __post_init__(self) -> None:
+        """Refuse settings VQT cannot train with, when the spec is parsed (before any extraction)."""
+        try:
+            _check_config(self)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @register
