@@ -148,7 +148,7 @@ def test_a_shard_held_by_another_process_is_waited_for(tiny_task, tiny_backbone,
     holder = threading.Thread(target=other_process)
     holder.start()
     assert held.wait(10)
-    watcher = threading.Thread(target=lambda: (_wait_for(lambda: shard_dir(store_dir, 4).is_dir()),
+    watcher = threading.Thread(target=lambda: (_wait_for(lambda: shard_dir(store_dir, 4).is_dir(), timeout=5),
                                                release.set()))
     watcher.start()
     try:

@@ -46,6 +46,11 @@ def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        yield True
+        try:
+            yield True
+        finally:
+            # Unlock explicitly: a child forked meanwhile (a DataLoader worker) holds a copy of
+            # this descriptor, and closing ours alone would leave the lock held until it exits.
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)  # closing the only descriptor releases the lock
+        os.close(fd)
