@@ -99,11 +99,11 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 def vqt_step_flops(net: Any, task: Any, train: Any, cfgs: list[TrainConfig]) -> tuple[float, int]:
     """FLOPs of one stacked VQT training step over the grid (forward + backward)."""
-    from frozenlens.methods.vqt.model import _NormedInputs
-    from frozenlens.train.stacked import _stack
+    from frozenlens.methods.vqt.model import NormedInputs
+    from frozenlens.train.stacked import stack_views
 
     models = [build_method("vqt", None, net, len(task.classes)) for _ in cfgs]
-    stacked = _stack([_NormedInputs(m) for m in models])
+    stacked = stack_views([NormedInputs(m) for m in models])
     source = models[0].normed_inputs(train)
     batch, labels = next(source.batches(cfgs[0].batch_size))
     with FlopCounterMode(display=False) as counter:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from frozenlens.cli.common import positive_int
 from frozenlens.errors import FrozenlensError
 
 
@@ -20,21 +21,11 @@ def add_parsers(sub: Any) -> None:
                              "share one backbone pass.")
     predict.add_argument("paths", nargs="+", metavar="ADAPTER_OR_IMAGE")
     predict.add_argument("--backbone", help="override the backbone recorded in the adapter")
-    predict.add_argument("--top-k", type=_positive_int, default=3, help="classes to show per image (default: 3)")
+    predict.add_argument("--top-k", type=positive_int, default=3, help="classes to show per image (default: 3)")
     predict.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     predict.add_argument("--device", default="cpu")
     add_remote_args(predict, codec_default=None)
     predict.set_defaults(run=run_predict)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
-    return value
 
 
 def split_arguments(paths: list[str]) -> tuple[list[str], list[Path]]:

@@ -110,7 +110,7 @@ def train_many(views: Sequence[nn.Module], data: Any, cfgs: Sequence[TrainConfig
         members = [views[i] for i in group]
         member_data = [data[i] for i in group] if isinstance(data, (list, tuple)) else data
         member_cfgs = [cfgs[i] for i in group]
-        stacked = _stack(members) if objective is cross_entropy_objective and len(members) > 1 else None
+        stacked = stack_views(members) if objective is cross_entropy_objective and len(members) > 1 else None
         if stacked is not None and not isinstance(member_data, list):
             result = _train_stacked(stacked, member_data, member_cfgs, progress, desc)
         else:
@@ -120,7 +120,8 @@ def train_many(views: Sequence[nn.Module], data: Any, cfgs: Sequence[TrainConfig
     return losses
 
 
-def _stack(views: Sequence[nn.Module]) -> StackedView | None:
+def stack_views(views: Sequence[nn.Module]) -> StackedView | None:
+    """The stacked view of ``views`` (all of one :class:`Stackable` class), or None."""
     kind = type(views[0])
     if not all(type(v) is kind for v in views) or not isinstance(views[0], Stackable):
         return None

@@ -209,7 +209,7 @@ class VQT(Method):
         for model, cfg in zip(models, cfgs):
             model.reset_trainable(cfg.seed)
         if isinstance(data, TapData) and not data.streamed:
-            source, views = models[0].normed_inputs(data), [_NormedInputs(m) for m in models]
+            source, views = models[0].normed_inputs(data), [NormedInputs(m) for m in models]
         else:
             source, views = data, list(models)
         losses = train_many(views, source, cfgs, progress=progress, desc=cls.name)
@@ -255,7 +255,7 @@ class VQT(Method):
     def _feature_matrix(self, source: Any, model: nn.Module, cfg: TrainConfig) -> torch.Tensor:
         """Head inputs of every example (eval mode: no query dropout)."""
         model.eval()
-        normed = isinstance(model, _NormedInputs)
+        normed = isinstance(model, NormedInputs)
         rows = [self.features(batch, normed=normed).cpu()
                 for batch, _ in source.batches(cfg.batch_size, device=cfg.device)]
         return torch.cat(rows)
@@ -273,8 +273,8 @@ class VQT(Method):
         super().bind(backbone)
 
 
-class _NormedInputs(nn.Module):
-    """Training view of VQT on precomputed ``norm1`` of the block inputs."""
+class NormedInputs(nn.Module):
+    """Training view of VQT on precomputed ``norm1`` of the block inputs (see :meth:`VQT.normed_inputs`)."""
 
     def __init__(self, method: VQT):
         super().__init__()
@@ -284,7 +284,7 @@ class _NormedInputs(nn.Module):
         return self.method.classify(self.method.features(batch, normed=True))
 
     @classmethod
-    def stack(cls, views: Sequence["_NormedInputs"]) -> StackedVQT | None:
+    def stack(cls, views: Sequence["NormedInputs"]) -> StackedVQT | None:
         """The models of ``views`` as one :class:`StackedVQT`, when their configs match."""
         methods = [v.method for v in views]
         if not can_stack(methods):
