@@ -1,6 +1,8 @@
 """TOAST, Top-Down Attention Steering (Shi et al., 2023), on a frozen timm ViT.
 
-Inference has four steps (paper, Section 3.1):
+Inference has four steps (paper, Section 3.1); the architecture-independent pieces
+(feature selection, feedback layers, the variational loss) are in :mod:`.core`, shared
+with the language-model (:mod:`.lm`) and ConvNeXt (:mod:`.convnext`) variants:
 
 1. **Pass 1**: the frozen backbone runs as usual; ``z`` are its final normed tokens.
 2. **Feature selection**: ``z~_i = sim(z_i, xi) * z_i P`` with ``sim`` the cosine
@@ -37,81 +39,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods.base import Method, register
-from frozenlens.methods.layers import LoRALinear, init_kaiming_head
+from frozenlens.methods.layers import init_kaiming_head
+from frozenlens.methods.toast.core import FeatureSelection, FeedbackLayer, run_feedback, variational_loss
+
+__all__ = ["TOAST", "TOASTLite", "TOASTConfig", "TOASTLiteConfig", "TOASTPasses", "FeatureSelection",
+           "FeedbackLayer", "FeedbackPlan", "run_feedback", "variational_loss"]
 from frozenlens.train.trainer import TrainConfig, seeded
 
 FEEDBACK_MODES = ("full", "early", "late")
 
 
-# -- trainable modules ----------------------------------------------------------------
-class FeatureSelection(nn.Module):
-    """Token and channel selection: ``z~ = clamp(cos(z, xi), 0, 1) * z P``.
-
-    Attributes:
-        task_embedding: ``xi`` (D,), initialised from a standard normal (reference code).
-        channel_transform: ``P`` (D, D), initialised to the identity; it multiplies the
-            token row vectors from the right, as in the reference code.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.task_embedding = nn.Parameter(torch.empty(dim))
-        self.channel_transform = nn.Parameter(torch.empty(dim, dim))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``xi ~ N(0, I)``, ``P = I``."""
-        nn.init.normal_(self.task_embedding)
-        with torch.no_grad():
-            self.channel_transform.copy_(torch.eye(self.channel_transform.shape[0]))
-
-    def token_weights(self, z: torch.Tensor) -> torch.Tensor:
-        """Relevance of each token to the task, ``clamp(cos(z_i, xi), 0, 1)``: ``(B, T)``."""
-        return (F.normalize(z, dim=-1) @ F.normalize(self.task_embedding, dim=0)).clamp(0, 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (z * self.token_weights(z).unsqueeze(-1)) @ self.channel_transform
-
-
-class FeedbackLayer(nn.Module):
-    """One layer of the feedback path: two bias-free ``D x D`` maps.
-
-    ``h = feed_down(x)`` goes to the next lower layer; ``top_down(h)`` is this
-    block's top-down signal (the reference code's ``linear`` and ``linear2``).
-    ``feed_down`` alone is also the variational decoder: it maps the block's
-    output back to the block's input.
-    """
-
-    def __init__(self, dim: int, lora_rank: int = 0, lora_alpha: float = 1.0):
-        super().__init__()
-        if lora_rank:
-            self.feed_down: nn.Linear = LoRALinear(dim, dim, lora_rank, lora_alpha)
-            self.top_down: nn.Linear = LoRALinear(dim, dim, lora_rank, lora_alpha)
-        else:
-            self.feed_down = nn.Linear(dim, dim, bias=False)
-            self.top_down = nn.Linear(dim, dim, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Truncated normal (std 0.02) weights, as timm/the reference initialise linears;
-        LoRA factors as :meth:`LoRALinear.reset_lora`."""
-        for linear in (self.feed_down, self.top_down):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            if isinstance(linear, LoRALinear):
-                linear.reset_lora()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input of the next lower layer, this block's top-down signal)``."""
-        hidden = self.feed_down(x)
-        return hidden, self.top_down(hidden)
-
-
+# -- which blocks take part -----------------------------------------------------------
 @dataclass(frozen=True)
 class FeedbackPlan:
     """Which blocks pass 1 runs, which get top-down signals, where pass 2 starts.
@@ -143,27 +86,6 @@ class FeedbackPlan:
         if mode == "late":
             return cls(depth - 1, tuple(range(middle, depth)), middle)
         return cls(depth - 1, tuple(range(depth)), 0)
-
-
-def run_feedback(layers: nn.ModuleDict, plan: FeedbackPlan, selected: torch.Tensor,
-                     ) -> dict[int, torch.Tensor]:
-    """Run the feedback path top-down from ``selected`` tokens: block index -> top-down signal."""
-    signals, hidden = {}, selected
-    for index in reversed(plan.layers):
-        hidden, signals[index] = layers[str(index)](hidden)
-    return signals
-
-
-def variational_loss(layers: nn.ModuleDict, inputs: dict[int, torch.Tensor],
-                     outputs: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Sum over feedback layers of ``MSE(feed_down(output of block l), input of block l)``.
-
-    Both sides are detached: the loss trains only the feedback maps to invert their
-    block (the variational loss of Shi et al., 2023, as in the reference code).
-    """
-    terms = [F.mse_loss(layers[str(i)].feed_down(outputs[i].detach()), inputs[i].detach())
-             for i in inputs]
-    return torch.stack(terms).sum()
 
 
 # -- the method -----------------------------------------------------------------------
@@ -248,7 +170,7 @@ class TOAST(Method):
         if isinstance(config, TOASTLiteConfig) and rank < 1:
             raise FrozenlensError(f"lora_rank={rank}: TOAST-Lite's LoRA rank must be at least 1 (paper: 4)")
         self.selection = FeatureSelection(dim)
-        self.feedback = nn.ModuleDict({str(i): FeedbackLayer(dim, rank, alpha) for i in self.plan.layers})
+        self.feedback = nn.ModuleDict({str(i): FeedbackLayer.linear(dim, rank, alpha) for i in self.plan.layers})
         self.head = nn.Linear(dim, num_classes)
         self.selection.channel_transform.requires_grad_(config.tune_p)
         _init_head(self.head)
@@ -358,7 +280,7 @@ class TOAST(Method):
 
     def feedback_signals(self, selected: torch.Tensor) -> dict[int, torch.Tensor]:
         """Top-down signal of every block with a feedback layer, from the selected tokens."""
-        return run_feedback(self.feedback, self.plan, selected)
+        return run_feedback(self.feedback, reversed(self.plan.layers), selected)
 
     def variational_loss(self, passes: TOASTPasses) -> torch.Tensor:
         """The variational loss of ``passes`` (made with ``record_blocks=True``)."""
