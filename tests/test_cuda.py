@@ -45,7 +45,7 @@ def test_serve_on_cuda_answers_like_the_cpu_backbone():
     assert module_device(gpu).type == "cuda"
     images = [_png(i) for i in range(3)]
     names = ["gather.4:tokens", "final:cls"]
-    with TestClient(create_app(gpu, token="t", gather_depths=[4])) as client:
+    with TestClient(create_app(gpu, token="t", taps=names)) as client:
         response = client.post("/v1/features", headers={"Authorization": "Bearer t"},
                                json={"images": [base64.b64encode(i).decode() for i in images],
                                      "features": names, "codec": "float32"})

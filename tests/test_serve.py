@@ -19,7 +19,7 @@ from frozenlens.errors import FrozenlensError
 from frozenlens.serve.app import Limits, create_app
 from frozenlens.serve.batching import Admission, Batcher
 from frozenlens.serve.codecs import CODECS, PayloadError, decode_payload, encode_payload, verify_payload
-from frozenlens.serve.engine import FeatureEngine, Job, RequestError
+from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine, Job, RequestError
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,7 +40,7 @@ def _b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def client(tiny_backbone):
-    app = create_app(tiny_backbone, token=TOKEN, gather_depths=GATHER_K,
+    app = create_app(tiny_backbone, token=TOKEN,
                      limits=Limits(max_body_bytes=100_000, max_batch_images=8, max_image_pixels=200 * 200,
                                    max_queued_images=16))
     with TestClient(app) as test_client:
@@ -102,7 +102,8 @@ def test_info_health_and_openapi(client, tiny_backbone):
     assert client.get("/v1/health").json()["status"] == "ok"
     info = client.get("/v1/info", headers=AUTH).json()
     assert info["backbone"]["weights_hash"] == tiny_backbone.weights_hash
-    assert info["gather_k"] == GATHER_K and info["features"]["gather.8:tokens"] == [5, 192]
+    assert list(info["features"]) == ["final:cls", "final:patch_mean", *(f"gather.{k}:tokens" for k in GATHER_K)]
+    assert info["features"]["gather.8:tokens"] == [5, 192]
     assert info["codecs"]["int8"]["bytes_per_image"]["gather.8:tokens"] == 5 * 192 + 5 * 4
     assert client.get("/openapi.json").status_code == 401  # the description needs the token too
     assert client.get("/docs").status_code == 404  # the browsable page exists on an insecure server only
@@ -143,7 +144,8 @@ def _bad_requests() -> list[tuple[str, dict, int, str]]:
         ("bad base64", {"json": {"images": ["***"]}}, 400, "base64"),
         ("not an image", {"json": {"images": [_b64(b"hello world")]}}, 400, "cannot be decoded"),
         ("truncated png", {"json": {"images": [_b64(_png()[:80])]}}, 400, "cannot be decoded"),
-        ("unknown k", {"json": {"images": [good], "features": ["gather.5:tokens"]}}, 422, "available k: 4, 8, 12"),
+        ("unknown k", {"json": {"images": [good], "features": ["gather.5:tokens"]}}, 422,
+         "feature 'gather.5:tokens' is not served; served: final:cls, final:patch_mean, gather.4:tokens"),
         ("unknown tap", {"json": {"images": [good], "features": ["block.3:tokens"]}}, 422, "not served"),
         ("bad tap", {"json": {"images": [good], "features": ["nonsense"]}}, 422, "tap site"),
         ("bad codec", {"json": {"images": [good], "codec": "bf16"}}, 422, "codec"),
@@ -169,8 +171,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, name,
 
 def test_a_token_is_required_unless_explicitly_insecure(tiny_backbone):
     with pytest.raises(FrozenlensError, match="insecure=True"):
-        create_app(tiny_backbone, gather_depths=[4])
-    app = create_app(tiny_backbone, insecure=True, gather_depths=[4])
+        create_app(tiny_backbone)
+    app = create_app(tiny_backbone, insecure=True)
     with TestClient(app, client=("127.0.0.1", 50000)) as open_client:
         assert open_client.post("/v1/features", json={"images": [_b64(_png())]}).status_code == 200
         assert open_client.get("/openapi.json").status_code == 200 and open_client.get("/docs").status_code == 200
@@ -181,7 +183,7 @@ def test_a_token_is_required_unless_explicitly_insecure(tiny_backbone):
 
 def test_full_queue_answers_429_then_recovers(tiny_backbone):
     """A runner that blocks until released: the queue fills, the next request gets 429."""
-    engine = FeatureEngine(tiny_backbone, gather_depths=[4])
+    engine = FeatureEngine(tiny_backbone, taps=[*DEFAULT_TAPS, "gather.4:tokens"])
     release = asyncio.Event()
 
     async def blocked_runner(job: Job) -> dict[str, np.ndarray]:
@@ -261,6 +263,16 @@ def test_serve_command_teaches_and_refuses_insecure_off_loopback(capsys):
 
 
 def test_the_engine_refuses_taps_the_backbone_cannot_compute_at_start(tiny_backbone):
-    for taps, depths in [(["block.12:tokens"], [4]), (["gather.13:tokens"], [4]), (["final:cls"], [13])]:
-        with pytest.raises(FrozenlensError, match="blocks"):
-            FeatureEngine(tiny_backbone, taps, depths)
+    for taps, message in [(["block.12:tokens"], "block.0 to block.11"), (["gather.13:tokens"], "k from 1 to 12"),
+                          (["final:cls", "gather.0:tokens"], "unknown tap site")]:
+        with pytest.raises(FrozenlensError, match=message):
+            FeatureEngine(tiny_backbone, taps)
+
+
+def test_the_serve_cli_serves_declared_taps_only(tiny_backbone):
+    from frozenlens.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--tap", "gather.8:tokens", "--tap", "final:cls"])
+    assert args.taps == ["gather.8:tokens", "final:cls"] and not hasattr(args, "gather_k")
+    assert list(FeatureEngine(tiny_backbone, args.taps).served) == ["gather.8:tokens", "final:cls"]
+    assert build_parser().parse_args(["serve"]).taps is None  # None: DEFAULT_TAPS and the methods' taps

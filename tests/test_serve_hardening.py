@@ -29,11 +29,12 @@ from frozenlens.backbones import Tap
 from frozenlens.data.images import RASTER_FORMATS, load_image, open_raster
 from frozenlens.errors import FrozenlensError, ImageError
 from frozenlens.serve.app import ConnectionLimits, Limits, check_insecure_host, create_app, is_loopback
-from frozenlens.serve.engine import FeatureEngine, Job, module_device
+from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine, Job, module_device
 from tests.conftest import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hardening-token"
+SERVED = [*DEFAULT_TAPS, "gather.4:tokens", "gather.8:tokens"]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
@@ -55,7 +56,7 @@ def _b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def client(tiny_backbone):
-    app = create_app(tiny_backbone, token=TOKEN, gather_depths=[4, 8],
+    app = create_app(tiny_backbone, token=TOKEN, taps=SERVED,
                      limits=Limits(max_body_bytes=200_000, max_batch_images=4, max_image_pixels=100 * 100,
                                    max_queued_images=16))
     with TestClient(app) as test_client:  # raise_server_exceptions: an unhandled error fails the test
@@ -240,7 +241,7 @@ def test_openapi_and_docs_need_the_token(client):
 # -- device-clean engine (the CUDA run is tests/test_cuda.py) -------------------------------------------
 
 def test_the_engine_moves_inputs_to_the_backbone_and_answers_on_cpu(tiny_backbone, monkeypatch):
-    engine = FeatureEngine(tiny_backbone, gather_depths=[4])
+    engine = FeatureEngine(tiny_backbone, taps=[*DEFAULT_TAPS, "gather.4:tokens"])
     seen: list[torch.device] = []
     moves: list[str] = []
     forward = tiny_backbone.forward_taps
@@ -274,7 +275,8 @@ SERVER_SCRIPT = textwrap.dedent("""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     from frozenlens.backbones import load_backbone
     from frozenlens.serve.app import ConnectionLimits, create_app, serve
-    app = create_app(load_backbone(sys.argv[3], img_size=32), token=sys.argv[4], gather_depths=[4])
+    app = create_app(load_backbone(sys.argv[3], img_size=32), token=sys.argv[4],
+                     taps=["final:cls", "gather.4:tokens"])
     serve(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
           connections=ConnectionLimits(header_timeout_s=float(sys.argv[5]), body_timeout_s=float(sys.argv[6]),
                                        max_connections=int(sys.argv[7])))

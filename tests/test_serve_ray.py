@@ -12,10 +12,12 @@ from PIL import Image
 
 from frozenlens.serve.app import Limits, create_app
 from frozenlens.serve.codecs import decode_payload
+from frozenlens.serve.engine import DEFAULT_TAPS
 from tests.conftest import TINY_BACKBONE
 from tests.test_serve_remote import LiveServer
 
 TOKEN = "ray-token"
+SERVED = [*DEFAULT_TAPS, "gather.4:tokens", "gather.8:tokens"]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray's own pydantic warnings
 
 
@@ -46,7 +48,7 @@ def ray_url():
     except Exception as err:  # no shared memory, no sockets, ... on some CI boxes
         pytest.skip(f"a local Ray cannot start on this machine: {type(err).__name__}: {err}")
     try:
-        app = deployment(backbone=TINY_BACKBONE, img_size=32, token=TOKEN, gather_depths=[4, 8], replicas=1,
+        app = deployment(backbone=TINY_BACKBONE, img_size=32, token=TOKEN, taps=SERVED, replicas=1,
                          cpus_per_replica=1, limits=Limits(max_batch_images=8))
         serve.run(app, name="frozenlens-test", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -70,7 +72,7 @@ def test_ray_deployment_answers_like_the_plain_server(ray_url, tiny_backbone):
            ({"images": images[:1]}, {"Authorization": "Bearer wrong"}),
            ({"images": ["***"]}, {}),
            ({"images": images[:1] * 9}, {})]
-    with LiveServer(create_app(tiny_backbone, token=TOKEN, gather_depths=[4, 8],
+    with LiveServer(create_app(tiny_backbone, token=TOKEN, taps=SERVED,
                                limits=Limits(max_batch_images=8))) as plain:
         answers = {}
         for name, url in (("plain", plain.url), ("ray", ray_url)):

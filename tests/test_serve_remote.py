@@ -25,11 +25,12 @@ from frozenlens.cli import main
 from frozenlens.data import load_task
 from frozenlens.serve.app import ConnectionLimits, create_app, uvicorn_config
 from frozenlens.serve.client import FeatureClient, RemoteError, RemoteTaps
-from frozenlens.serve.engine import FeatureEngine
+from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine
 from frozenlens.store import extract
 from tests.conftest import adapter_folder
 
 TOKEN = "edge-token"
+SERVED = [*DEFAULT_TAPS, "gather.4:tokens", "gather.8:tokens"]
 TAPS = [Tap("final", "cls"), Tap("gather.4", "tokens")]
 
 
@@ -73,7 +74,7 @@ def _free_port() -> int:
 
 def _slow_app(backbone, seconds: float):
     """An app whose every backbone pass takes at least ``seconds`` (to interrupt fetches mid-way)."""
-    engine = FeatureEngine(backbone, gather_depths=[4, 8])
+    engine = FeatureEngine(backbone, taps=SERVED)
 
     async def slow(job):
         await asyncio.sleep(seconds)
@@ -223,7 +224,7 @@ def test_fetch_resumes_after_client_kill_and_server_stop_without_fetching_twice(
     assert served_second <= (done_second - done_first + 1) * per_shard
 
     # 3. run again: only the missing shards are fetched, and the store equals a local extraction
-    with LiveServer(create_app(tiny_backbone, token=TOKEN, gather_depths=[4, 8]), port) as live:
+    with LiveServer(create_app(tiny_backbone, token=TOKEN, taps=SERVED), port) as live:
         store = extract(RemoteTaps.connect(live.url, TOKEN), images, TAPS, root=root, batch_size=6,
                         shard_size=6, progress=False)
         missing = len(images) - done_second * per_shard

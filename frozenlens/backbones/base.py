@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from frozenlens.backbones.taps import Tap, reduce_tokens, tap_shape
+from frozenlens.backbones.taps import Tap, check_taps, reduce_tokens, tap_shape
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -131,23 +131,32 @@ class FrozenBackbone(nn.Module):
     def forward_taps(self, images: torch.Tensor, taps: Iterable[Tap]) -> dict[str, torch.Tensor]:
         """Values of ``taps`` for a batch of preprocessed images, from one pass.
 
-        Blocks after the last one a tap needs are not run. A ``gather.<k>`` tap
-        is the float32 running sum of the embedding output and blocks ``0..k-1``.
+        Blocks after the last one a tap needs are not run. A method-defined tap
+        (:class:`~frozenlens.backbones.taps.MethodSite`, e.g. MIST's ``gather.<k>``)
+        is its site's ``combine`` of the input token maps read in the same pass,
+        then reduced; inputs nobody asked for are not returned.
         """
         taps = list(taps)
-        gathers = _gathers_by_depth(taps, self.depth)
-        wanted = _sites_by_position([t for t in taps if t.gather_depth is None], self.depth)
+        check_taps(taps, self.depth, self.name)
+        derived = _by_method_site(taps)
+        inputs = {site: _site_inputs(group[0], self.depth) for site, group in derived.items()}
+        read = [t for t in taps if t.site not in derived] + [i for group in inputs.values() for i in group]
+        out = self._read(images, _sites_by_position(list(dict.fromkeys(read)), self.depth))
+        for site, group in derived.items():
+            method_site, k = group[0].method_site
+            self._record(out, group, method_site.combine({i.key: out[i.key] for i in inputs[site]}, k))
+        asked = {t.key for t in taps}
+        return {key: value for key, value in out.items() if key in asked}
+
+    def _read(self, images: torch.Tensor, wanted: dict[int, list[Tap]]) -> dict[str, torch.Tensor]:
+        """Run the backbone as far as ``wanted`` needs, recording each tap at its position."""
         out: dict[str, torch.Tensor] = {}
         x = self.embed(images.to(self.device))
-        total = x.float() if gathers else None
         self._record(out, wanted.get(-1, ()), x)
-        last = max([*wanted, max(gathers, default=0) - 1]) if wanted or gathers else -1
-        for index, block in enumerate(self.model.blocks[: min(last, self.depth - 1) + 1]):
+        last = min(max(wanted, default=-1), self.depth - 1)
+        for index, block in enumerate(self.model.blocks[: last + 1]):
             x = block(x)
             self._record(out, wanted.get(index, ()), x)
-            if gathers:
-                total = total + x.float()
-                self._record(out, gathers.get(index + 1, ()), total)
         if self.depth in wanted:
             self._record(out, wanted[self.depth], self.model.norm(x))
         return out
@@ -169,24 +178,23 @@ def _sites_by_position(taps: Sequence[Tap], depth: int) -> dict[int, list[Tap]]:
     """Group taps by the point of the forward pass where they are read (depth = final)."""
     grouped: dict[int, list[Tap]] = {}
     for tap in taps:
-        position = depth if tap.block is None else tap.block
-        if position >= depth and tap.block is not None:
-            raise ValueError(f"tap {tap.key}: this backbone has blocks 0..{depth - 1}")
-        grouped.setdefault(position, []).append(tap)
+        grouped.setdefault(depth if tap.block is None else tap.block, []).append(tap)
     return grouped
 
 
-def _gathers_by_depth(taps: Sequence[Tap], depth: int) -> dict[int, list[Tap]]:
-    """Group ``gather.<k>`` taps by ``k`` (the number of blocks they sum)."""
-    grouped: dict[int, list[Tap]] = {}
+def _by_method_site(taps: Sequence[Tap]) -> dict[str, list[Tap]]:
+    """Method-defined taps grouped by site (one ``combine`` serves all reductions of a site)."""
+    grouped: dict[str, list[Tap]] = {}
     for tap in taps:
-        k = tap.gather_depth
-        if k is None:
-            continue
-        if k > depth:
-            raise ValueError(f"tap {tap.key}: this backbone has {depth} blocks, so k is 1..{depth}")
-        grouped.setdefault(k, []).append(tap)
+        if tap.method_site is not None:
+            grouped.setdefault(tap.site, []).append(tap)
     return grouped
+
+
+def _site_inputs(tap: Tap, depth: int) -> list[Tap]:
+    """The backbone taps a method-defined ``tap`` is computed from."""
+    site, k = tap.method_site
+    return site.inputs(depth, k)
 
 
 def _jsonable(value: Any) -> Any:

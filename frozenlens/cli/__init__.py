@@ -4,9 +4,10 @@
     frozenlens extract DATA --method head2toe         # fill the activation store only
     frozenlens predict runs/mytask/linear photo1.jpg photos/                         # cli/predict.py
     frozenlens backbones | frozenlens methods                                        # cli/info.py
-    frozenlens serve                                  # feature server (serve/cli.py)
+    frozenlens serve                                  # feature server                 cli/serve.py
     frozenlens pretune toast DATA... --out DIR        # TOAST's pre-tuning             cli/toast.py
     frozenlens explain runs/mytask/toast photo.jpg --out maps/
+    frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
 
 The built-in demo is ``make demo`` (``python -m examples.demo``), outside the library.
 """
@@ -18,7 +19,7 @@ import logging
 import sys
 from typing import Sequence
 
-from frozenlens.cli import info, predict, toast, train
+from frozenlens.cli import info, lm, predict, serve, toast, train
 from frozenlens.errors import FrozenlensError
 
 _DESCRIPTION = """\
@@ -46,16 +47,15 @@ Hugging Face imagefolder (split folders, optional metadata.csv / metadata.jsonl)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (each sets ``run`` to its function)."""
-    from frozenlens.serve.cli import add_serve_parser, run_serve
-
     parser = argparse.ArgumentParser(prog="frozenlens", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add_parsers(sub)
     predict.add_parsers(sub)
-    add_serve_parser(sub).set_defaults(run=run_serve)
+    serve.add_parsers(sub)
     toast.add_parsers(sub)
+    lm.add_parsers(sub)
     info.add_parsers(sub)
     return parser
 

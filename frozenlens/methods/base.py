@@ -85,6 +85,12 @@ class Method(nn.Module):
         """Activations the method reads, given the backbone's description."""
         raise NotImplementedError
 
+    @classmethod
+    def served_taps(cls, backbone: dict[str, Any]) -> list[Tap]:
+        """Taps a feature server offers this method's remote clients by default (none unless the
+        method computes a tap of its own there, like MIST's gathers); ``backbone`` is its description."""
+        return []
+
     def tap_keys(self) -> list[str]:
         """Keys of :meth:`taps` for this instance."""
         return [t.key for t in self.taps(self.config, self.backbone_info)]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from frozenlens.backbones.taps import Tap, block_tap
+from frozenlens.backbones.taps import MethodSite, Tap, block_tap, register_site
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.selection import fit_selecting
@@ -61,25 +61,31 @@ def gather_candidates(depth: int) -> list[int]:
     return sorted({max(1, round(depth / 3)), max(1, round(2 * depth / 3)), depth})
 
 
+def allowed_gather_depths(depth: int) -> range:
+    """The k a backbone of ``depth`` blocks allows: 1..depth."""
+    return range(1, depth + 1)
+
+
 def gather_taps(depth: int, k: int) -> list[Tap]:
     """Stored taps that g_k sums: ``embed:tokens`` and ``block.{i}:tokens`` for i in 0..k-1."""
-    if not 1 <= k <= depth:
+    if k not in allowed_gather_depths(depth):
         raise FrozenlensError(f"gather depth k={k}: this backbone has {depth} blocks, so k must be "
                               f"in 1..{depth} (or 0 to choose among {gather_candidates(depth)})")
     return [Tap("embed", "tokens")] + [block_tap(i, "tokens") for i in range(k)]
 
 
 def gather_key(k: int) -> str:
-    """Key of a precomputed g_k (the feature server's ``gather.<k>`` tap)."""
+    """Tap key of g_k itself (a ``gather.<k>`` tap, :data:`GATHER_SITE`), as stores and servers name it."""
     return f"gather.{k}:tokens"
 
 
 def gather(features: Mapping[str, torch.Tensor], k: int) -> torch.Tensor:
     """g_k = embedding output + outputs of blocks 0..k-1, ``(B, T, D)`` float32.
 
-    Summed in float32 in block order (the order :meth:`FrozenBackbone.forward_taps`
-    uses for its ``gather.<k>`` tap), whatever dtype the taps are stored in. A
-    precomputed ``gather.<k>:tokens`` entry is used as it is.
+    Summed in float32 in block order, whatever dtype the taps are stored in; the
+    same function computes the ``gather.<k>`` tap in
+    :meth:`FrozenBackbone.forward_taps` (:data:`GATHER_SITE`). A precomputed
+    ``gather.<k>:tokens`` entry is used as it is.
     """
     if gather_key(k) in features:
         return features[gather_key(k)].float()
@@ -92,6 +98,14 @@ def gather(features: Mapping[str, torch.Tensor], k: int) -> torch.Tensor:
     for key in keys[1:]:
         total = total + features[key].float()
     return total
+
+
+GATHER_SITE = register_site(MethodSite(
+    prefix="gather", method="mist", valid_k=allowed_gather_depths, inputs=gather_taps, combine=gather,
+    meaning="MIST's gather g_k, embed plus the outputs of blocks 0..k-1 summed in float32"))
+"""The ``gather.<k>`` tap site: any tap key ``gather.<k>:<reduce>`` is MIST's g_k, computed in
+the backbone pass from :func:`gather_taps` by :func:`gather` (so stores, adapters and the feature
+server all name it ``gather.<k>:tokens``)."""
 
 
 def gathered_data(data: TapData, k: int, chunk: int = 128) -> TapData:
@@ -256,9 +270,14 @@ class MIST(SideNetwork):
         """What g_k sums (or g_k itself when ``gathered``); every candidate's while k is to be chosen."""
         depth = backbone["depth"]
         if config.gathered:
-            return [Tap(f"gather.{k}") for k in ([config.gather_depth] if config.gather_depth
-                                                 else gather_candidates(depth))]
+            return [Tap.parse(gather_key(k)) for k in ([config.gather_depth] if config.gather_depth
+                                                         else gather_candidates(depth))]
         return gather_taps(depth, config.gather_depth or max(gather_candidates(depth)))
+
+    @classmethod
+    def served_taps(cls, backbone: dict[str, Any]) -> list[Tap]:
+        """The candidate gathers g_k, k in {N/3, 2N/3, N}: what ``fit --remote`` asks a server for."""
+        return [Tap.parse(gather_key(k)) for k in gather_candidates(backbone["depth"])]
 
     @property
     def gather_accuracies(self) -> dict[int, float]:

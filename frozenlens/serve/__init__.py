@@ -1,8 +1,9 @@
 """Separated tuning as a service (MIST's paradigm): a feature server and an edge client.
 
 The server (:func:`create_app`, ``frozenlens serve``) runs the frozen backbone and
-answers batches of images with features: MIST's gather g_k (``gather.<k>:tokens``)
-or any declared tap, in float32, float16 or int8 on the wire. The edge
+answers batches of images with the taps it serves (by default ``final:cls``,
+``final:patch_mean`` and the taps methods offer remote clients, such as MIST's
+gather g_k, ``gather.<k>:tokens``), in float32, float16 or int8 on the wire. The edge
 (:class:`RemoteTaps`, ``frozenlens fit/predict --remote URL``) fetches features
 once into its activation store and trains and predicts with small methods
 locally. ``docs/serve.md`` has the walk-through.

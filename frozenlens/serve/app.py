@@ -1,9 +1,9 @@
-"""The feature server's HTTP application (FastAPI): images in, gathered features out.
+"""The feature server's HTTP application (FastAPI): images in, served features out.
 
     POST /v1/features   {"images": [base64 file, ...], "features": ["gather.8:tokens"], "codec": "int8"}
                         -> application/x-safetensors (see frozenlens.serve.codecs)
     GET  /v1/info       backbone name and weights hash, served features and their shapes,
-                        gather depths k, codecs with bytes per image, limits
+                        codecs with bytes per image, limits
     GET  /v1/health     liveness (no token needed)
     GET  /openapi.json  the OpenAPI description (token needed like every route)
     GET  /docs          renders it, on an insecure (loopback-only) server only
@@ -14,7 +14,7 @@ Refusals are JSON ``{"detail": "..."}`` with the status that says why: 400
 malformed JSON, bad base64 or an undecodable image (or not an allowed raster
 format); 401 missing or wrong token; 403 a non-loopback client of an insecure
 server; 413 body, batch or image too large; 415 not JSON; 422 a request that
-parses but asks for something unknown (a feature, a gather depth k, a codec);
+parses but asks for something unknown or not served (a feature, a codec);
 429 the queue is full; 503 shutting down. Requests from
 concurrent clients are merged into backbone passes (:mod:`frozenlens.serve.batching`).
 """
@@ -44,7 +44,7 @@ from frozenlens.backbones.taps import Tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.serve.batching import Admission, Batcher
 from frozenlens.serve.codecs import MEDIA_TYPE, encode_payload, get_codec
-from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine, Job, RequestError
+from frozenlens.serve.engine import FeatureEngine, Job, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ _ERRORS = {
     403: "a non-loopback client of a server started without a token (--insecure)",
     413: "body, batch or image larger than the server's limits",
     415: "the body is not application/json",
-    422: "unknown feature, gather depth k or codec, or a body of the wrong shape",
+    422: "unknown or unserved feature, unknown codec, or a body of the wrong shape",
     429: "queue full: retry after a short wait",
     503: "shutting down",
 }
@@ -112,8 +112,7 @@ def create_app(
     token: str | None = None,
     insecure: bool = False,
     limits: Limits | None = None,
-    taps: Sequence[str | Tap] = DEFAULT_TAPS,
-    gather_depths: Sequence[int] | None = None,
+    taps: Sequence[str | Tap] | None = None,
     runner: Runner | None = None,
 ) -> FastAPI:
     """The feature server as an ASGI app (run it with uvicorn, or in Ray Serve).
@@ -123,14 +122,14 @@ def create_app(
         token: bearer token every request but health must carry.
         insecure: serve without a token (local use only); required when ``token`` is None.
         limits: request and queue limits, batching (default :class:`Limits`).
-        taps: declared taps served besides MIST's gathers (ignored for an engine).
-        gather_depths: k of the ``gather.<k>:tokens`` served (default: MIST's candidates).
+        taps: the taps served (ignored for an engine); default
+            :func:`~frozenlens.serve.engine.default_taps`, e.g. ``final:cls`` and MIST's gathers.
         runner: how a job is computed; default: this app's own :class:`Batcher`.
     """
     if not token and not insecure:
         raise FrozenlensError("the feature server needs a bearer token (token=...); pass insecure=True "
                               "only to serve without one on a trusted machine")
-    engine = backbone if isinstance(backbone, FeatureEngine) else FeatureEngine(backbone, taps, gather_depths)
+    engine = backbone if isinstance(backbone, FeatureEngine) else FeatureEngine(backbone, taps)
     limits = limits or Limits()
     state = _ServerState(engine, limits, runner)
     # The OpenAPI description needs the token like every other route; the browsable /docs page

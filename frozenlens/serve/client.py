@@ -2,7 +2,7 @@
 
     >>> from frozenlens.serve import FeatureClient, RemoteTaps
     >>> client = FeatureClient("http://127.0.0.1:8765", token="s3cret")
-    >>> client.info()["gather_k"]                               # [4, 8, 12]
+    >>> list(client.info()["features"])     # ['final:cls', 'final:patch_mean', 'gather.4:tokens', ...]
     >>> payload = client.features(["cat.jpg"], ["gather.8:tokens"], codec="int8")
     >>> payload.features["gather.8:tokens"].shape               # (1, 257, 384), float32
 
@@ -198,7 +198,7 @@ class RemoteTaps:
         features = self.client.info()["features"]
         if tap.key not in features:
             raise RemoteError(f"{self.client.url} does not serve {tap.key!r}; it serves {', '.join(features)} "
-                              f"(start it with --tap {tap.key}, or --gather-k for gather.<k>:tokens)")
+                              f"(start it with --tap {tap.key})")
         return tuple(features[tap.key])
 
     def compute_taps(self, image_paths: Sequence[str], taps: Sequence[Tap]) -> Mapping[str, np.ndarray]:

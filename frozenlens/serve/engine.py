@@ -1,8 +1,9 @@
 """What the feature server computes: decoded images in, the served taps out, many requests per pass.
 
-The engine knows the backbone, which features it serves (declared taps such as
-``final:cls`` and MIST's gather ``gather.<k>:tokens`` for the allowed k), and
-how to run one backbone pass for a batch of jobs from several requests. The
+The engine knows the backbone, which features it serves (declared taps, by
+default :data:`DEFAULT_TAPS` plus the taps registered methods offer remote
+clients, such as MIST's gathers ``gather.<k>:tokens``), and how to run one
+backbone pass for a batch of jobs from several requests. The
 HTTP app (:mod:`frozenlens.serve.app`) and the Ray Serve deployment
 (:mod:`frozenlens.serve.ray_app`) share it.
 """
@@ -20,13 +21,14 @@ import torch
 from PIL import Image
 
 from frozenlens.backbones.base import FrozenBackbone
-from frozenlens.backbones.taps import Tap
+from frozenlens.backbones.taps import Tap, check_taps
 from frozenlens.data.images import open_raster, to_rgb
 from frozenlens.errors import FrozenlensError, ImageError
 from frozenlens.serve.codecs import CODECS, WIRE_FORMAT
 
 DEFAULT_TAPS = ("final:cls", "final:patch_mean")
-"""Declared taps a server offers besides MIST's gathers, unless told otherwise."""
+"""Taps a server offers, with the methods' :meth:`~frozenlens.methods.base.Method.served_taps`,
+unless told otherwise."""
 
 MAX_FEATURE_NAME = 64
 """Longest feature name a request may carry (served names are like ``gather.12:tokens``)."""
@@ -53,11 +55,14 @@ class Job:
         return int(self.images.shape[0])
 
 
-def default_gather_depths(depth: int) -> list[int]:
-    """MIST's candidate gather depths for a backbone of ``depth`` blocks ({N/3, 2N/3, N})."""
-    from frozenlens.methods.mist import gather_candidates
+def default_taps(backbone: dict[str, Any]) -> list[Tap]:
+    """:data:`DEFAULT_TAPS` plus every registered method's
+    :meth:`~frozenlens.methods.base.Method.served_taps` for ``backbone`` (its description)."""
+    from frozenlens.methods import get_method, method_names
 
-    return list(gather_candidates(depth))
+    offered = [Tap.parse(key) for key in DEFAULT_TAPS]
+    offered += [tap for name in method_names() for tap in get_method(name).served_taps(backbone)]
+    return list(dict.fromkeys(offered))
 
 
 class FeatureEngine:
@@ -65,27 +70,15 @@ class FeatureEngine:
 
     Args:
         backbone: the frozen backbone.
-        taps: declared taps served besides the gathers (tap keys or :class:`Tap`).
-        gather_depths: the k of ``gather.<k>:tokens`` served (default: MIST's candidates).
+        taps: the taps served (tap keys or :class:`Tap`); default :func:`default_taps`.
     """
 
-    def __init__(self, backbone: FrozenBackbone, taps: Sequence[str | Tap] = DEFAULT_TAPS,
-                 gather_depths: Sequence[int] | None = None):
+    def __init__(self, backbone: FrozenBackbone, taps: Sequence[str | Tap] | None = None):
         self.backbone = backbone
-        depths = default_gather_depths(backbone.depth) if gather_depths is None else list(gather_depths)
-        bad = [k for k in depths if not 1 <= k <= backbone.depth]
-        if bad:
-            raise FrozenlensError(f"gather depths {bad}: this backbone has {backbone.depth} blocks, "
-                                  f"so k is 1..{backbone.depth}")
-        self.gather_depths = sorted(set(depths))
-        declared = [t if isinstance(t, Tap) else Tap.parse(t) for t in taps]
-        for tap in declared:  # a tap this backbone cannot compute fails at start, not per request
-            backbone.tap_shape(tap)
-            deepest = tap.gather_depth - 1 if tap.gather_depth is not None else tap.block
-            if deepest is not None and deepest >= backbone.depth:
-                raise FrozenlensError(f"tap {tap.key}: this backbone has blocks 0..{backbone.depth - 1}")
-        gathers = [Tap(f"gather.{k}", "tokens") for k in self.gather_depths]
-        self.served: dict[str, Tap] = {t.key: t for t in [*declared, *gathers]}
+        declared = default_taps(backbone.describe()) if taps is None else [
+            t if isinstance(t, Tap) else Tap.parse(t) for t in taps]
+        check_taps(declared, backbone.depth, backbone.name)  # fail at start, not per request
+        self.served: dict[str, Tap] = {t.key: t for t in declared}
         self._transform = backbone.transform()
 
     # -- describing ---------------------------------------------------------------------
@@ -102,7 +95,6 @@ class FeatureEngine:
             "image_size": self.backbone.image_size,
             "num_tokens": self.backbone.num_tokens,
             "features": {key: list(shape) for key, shape in shapes.items()},
-            "gather_k": self.gather_depths,
             "codecs": {name: {"wire_dtype": codec.wire_dtype,
                               "bytes_per_image": {k: codec.bytes_per_image(s) for k, s in shapes.items()}}
                        for name, codec in CODECS.items()},
@@ -117,24 +109,17 @@ class FeatureEngine:
             raise RequestError(422, f"{len(names)} features asked for; at most {MAX_FEATURES} per request")
         taps = []
         for name in names:
-            if len(name) > MAX_FEATURE_NAME:  # also keeps int() off a 5000-digit gather depth
+            if len(name) > MAX_FEATURE_NAME:  # also keeps int() off a 5000-digit site number
                 raise RequestError(422, f"feature name of {len(name)} characters ({name[:40]!r}...); served "
-                                        f"names are short, e.g. 'gather.8:tokens' (GET /v1/info lists them)")
+                                        f"names are short, e.g. 'final:cls' (GET /v1/info lists them)")
             try:
                 tap = Tap.parse(name)
-                refusal = None if tap.key in self.served else self._not_served(tap)
             except (FrozenlensError, ValueError) as err:
                 raise RequestError(422, f"feature {name!r}: {err}") from None
-            if refusal is not None:
-                raise RequestError(422, refusal)
+            if tap.key not in self.served:
+                raise RequestError(422, f"feature {tap.key!r} is not served; served: {', '.join(self.served)}")
             taps.append(tap)
         return tuple(dict.fromkeys(taps))
-
-    def _not_served(self, tap: Tap) -> str:
-        if tap.gather_depth is not None:
-            return (f"gather depth k={tap.gather_depth} ({tap.key}) is not served; available k: "
-                    f"{', '.join(map(str, self.gather_depths)) or 'none'}")
-        return f"feature {tap.key!r} is not served; served: {', '.join(self.served)}"
 
     def preprocess(self, encoded: Sequence[str], max_pixels: int) -> torch.Tensor:
         """Decode base64 image files and apply the backbone's evaluation transform.

@@ -28,7 +28,7 @@ from ray import serve
 from frozenlens.backbones import DEFAULT_BACKBONE, load_backbone
 from frozenlens.errors import FrozenlensError
 from frozenlens.serve.app import Limits, check_insecure_host, create_app
-from frozenlens.serve.engine import DEFAULT_TAPS, FeatureEngine, Job
+from frozenlens.serve.engine import FeatureEngine, Job
 
 
 def _images_in(jobs: list[Job]) -> int:
@@ -46,15 +46,14 @@ class FeatureDeployment:
         token: bearer token; None only with ``insecure``.
         insecure: serve without a token.
         limits: :class:`Limits` fields as a dict.
-        taps: declared taps besides the gathers.
-        gather_depths: k of the served gathers (default: MIST's candidates).
+        taps: the taps served (default: :func:`~frozenlens.serve.engine.default_taps`).
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, img_size: int | None = None,
                  token: str | None = None, insecure: bool = False, limits: dict[str, Any] | None = None,
-                 taps: Sequence[str] = DEFAULT_TAPS, gather_depths: Sequence[int] | None = None):
+                 taps: Sequence[str] | None = None):
         self.limits = Limits(**(limits or {}))
-        self.engine = FeatureEngine(load_backbone(backbone, img_size=img_size), taps, gather_depths)
+        self.engine = FeatureEngine(load_backbone(backbone, img_size=img_size), taps)
         self.token, self.insecure = token, insecure
         self.compute.set_max_batch_size(max(self.limits.batch_images, self.limits.max_batch_images))
         self.compute.set_batch_wait_timeout_s(self.limits.batch_wait_ms / 1000)
@@ -74,29 +73,28 @@ class FeatureDeployment:
 
 
 def deployment(*, backbone: str = DEFAULT_BACKBONE, img_size: int | None = None, token: str | None = None,
-               insecure: bool = False, limits: Limits | None = None, taps: Sequence[str] = DEFAULT_TAPS,
-               gather_depths: Sequence[int] | None = None, replicas: int = 1,
-               cpus_per_replica: float = 1.0) -> serve.Application:
+               insecure: bool = False, limits: Limits | None = None, taps: Sequence[str] | None = None,
+               replicas: int = 1, cpus_per_replica: float = 1.0) -> serve.Application:
     """The bound Ray Serve application (pass it to ``serve.run``)."""
     options = FeatureDeployment.options(num_replicas=replicas,
                                         ray_actor_options={"num_cpus": cpus_per_replica})
-    return options.bind(backbone, img_size, token, insecure, asdict(limits or Limits()), list(taps),
-                        None if gather_depths is None else list(gather_depths))
+    return options.bind(backbone, img_size, token, insecure, asdict(limits or Limits()),
+                        None if taps is None else list(taps))
 
 
 def build(args: dict[str, str]) -> serve.Application:
     """Application builder for ``serve run frozenlens.serve.ray_app:build key=value ...``.
 
     Keys: backbone, img_size, token, insecure (true/false), host (the address Ray
-    Serve's proxy listens on; default 127.0.0.1), replicas, taps (comma-separated),
-    gather_k (comma-separated).
+    Serve's proxy listens on; default 127.0.0.1), replicas, taps (comma-separated tap keys,
+    e.g. ``final:cls,gather.8:tokens``; default: :func:`~frozenlens.serve.engine.default_taps`).
 
     ``insecure=true`` is refused with a non-loopback ``host``, exactly like
     ``frozenlens serve --insecure`` (the same check); and an insecure app answers
     loopback clients only (HTTP 403 otherwise), whatever address the proxy really
     listens on.
     """
-    known = {"backbone", "img_size", "token", "insecure", "host", "replicas", "taps", "gather_k"}
+    known = {"backbone", "img_size", "token", "insecure", "host", "replicas", "taps"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise FrozenlensError(f"unknown build argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -109,9 +107,8 @@ def build(args: dict[str, str]) -> serve.Application:
     elif not args.get("token"):
         raise FrozenlensError("the feature server needs token=<bearer token> (or insecure=true on a loopback "
                               "host, for local experiments)")
-    taps = args["taps"].split(",") if args.get("taps") else DEFAULT_TAPS
-    gather = [int(k) for k in args["gather_k"].split(",")] if args.get("gather_k") else None
+    taps = args["taps"].split(",") if args.get("taps") else None
     return deployment(backbone=args.get("backbone", DEFAULT_BACKBONE),
                       img_size=int(args["img_size"]) if args.get("img_size") else None,
                       token=None if insecure else args.get("token"), insecure=insecure,
-                      taps=taps, gather_depths=gather, replicas=int(args.get("replicas", 1)))
+                      taps=taps, replicas=int(args.get("replicas", 1)))
