@@ -22,9 +22,9 @@ from frozenlens.data import Task, load_task
 from frozenlens.errors import ConfigError, FrozenlensError
 from frozenlens.methods import get_method, make_config, method_for_config
 from frozenlens.methods.base import convert_setting
-from frozenlens.protocol import MethodResult, run_protocol
+from frozenlens.protocol import MethodResult, run_protocol, score_test
 from frozenlens.report import result_record, write_results
-from frozenlens.store import ActivationStore, TapSource, extract
+from frozenlens.store import ActivationStore, TapSource, check_disk_room, extract, find_task_store, token_maps
 from frozenlens.train.images import IMAGES_KEY, as_pil, preprocess
 from frozenlens.train.trainer import TrainConfig
 
@@ -204,6 +204,7 @@ def fit(
     progress: bool = True,
     low_memory: bool = False,
     num_workers: int | None = None,
+    store_taps: str = "all",
 ) -> FitReport:
     """Fit one or more methods on a task from one extraction of the backbone.
 
@@ -240,6 +241,11 @@ def fit(
         low_memory: leave stored taps on disk and read every minibatch from the store, so
             training memory is one batch rather than the whole split (for edge devices).
         num_workers: processes decoding images during extraction (see :func:`frozenlens.store.extract`).
+        store_taps: ``"all"`` (default): the store keeps every token map a store-trained method can
+            read, so a later ``fit`` of any method on this task never runs the backbone over its
+            training images again (the disk it takes is logged first); ``"needed"``: only what
+            these methods read. Test images are never stored: every method's adapters (all
+            seeds) are scored in one streaming backbone pass at the end.
     """
     task = data if isinstance(data, Task) else load_task(data)
     specs = parse_specs(methods)
@@ -267,34 +273,103 @@ def fit(
     out_dir = Path(out) if out else None
     run_keys = {s.label: _run_key(s, configs[s.label], task, net, seeds, grid, epochs, store_dtype) for s in specs}
     finished = _finished_runs(out_dir, run_keys) if out_dir else {}
+    unscored = _unscored_runs(out_dir, finished, net) if out_dir else {}
     todo = [s for s in specs if s.label not in finished]
     taps = sorted({t for s in todo for t in get_method(s.name).taps(configs[s.label], info)})
-    if "depth" in info:
-        check_taps(taps, int(info["depth"]), str(info.get("name", "the backbone")))
     started = time.perf_counter()
-    store = extract(net, [str(i.path) for i in task.all_images()], taps, dtype=store_dtype,
-                    batch_size=batch_size, progress=progress, device=device, num_workers=num_workers,
-                    shard_size=batch_size if remote else None) if taps else None
+    store = extract_task(task, net, taps, store_taps=store_taps, dtype=store_dtype, batch_size=batch_size,
+                         progress=progress, device=device, num_workers=num_workers) if taps else None
     extract_seconds = time.perf_counter() - started
     results, records = {}, []
     for spec in specs:
         if spec.label in finished:
-            _log.info("%s: already in %s with the same settings; skipped", spec.text, out_dir / spec.label)
+            _log.info("%s: already in %s with the same settings; %s", spec.text, out_dir / spec.label,
+                      "its test split is scored now" if spec.label in unscored else "skipped")
             records.append(finished[spec.label])
+            if spec.label in unscored:
+                results[spec.label] = unscored[spec.label]
             continue
         result = _run_method(spec, configs[spec.label], store, task, net, grid, seeds, epochs, device,
                              progress, low_memory)
         results[spec.label] = result
         keys = result.model.tap_keys()
         record = result_record(spec.label, result, store.bytes_per_image_of(keys) if keys else 0)
-        record.update(spec=spec.text, adapter_seed=spec.seeds(seeds)[0], run_key=run_keys[spec.label])
+        record.update(spec=spec.text, adapter_seed=spec.seeds(seeds)[0], seeds=spec.seeds(seeds),
+                      run_key=run_keys[spec.label])
+        if result.test_pending:
+            record["test_pending"] = True  # a rerun trains it again: its test accuracy was never measured
         records.append(record)
         if out_dir is not None:
             _save_method(out_dir, task, net, result, record, store_dtype)
             _save_results(out_dir, task, net, store, records, extract_seconds, store_dtype, seeds, grid)
+    pending = {label: r for label, r in results.items() if r.test_pending}
+    if pending:
+        score_test(list(pending.values()), task, net, store_dtype=store_dtype, batch_size=batch_size,
+                   device=device, progress=progress, num_workers=num_workers)
+        for record in records:
+            if record.pop("test_pending", False):
+                result = pending[record["label"]]
+                record.update(test_accuracies=result.test_accuracies, test_accuracy_mean=result.test_mean,
+                              test_accuracy_std=result.test_std)
+                if out_dir is not None:
+                    _save_method(out_dir, task, net, pending[record["label"]], record, store_dtype)
     if out_dir is not None:
         _save_results(out_dir, task, net, store, records, extract_seconds, store_dtype, seeds, grid)
     return FitReport(task, net, store, results, records, out_dir, extract_seconds)
+
+
+STORE_TAPS = ("all", "needed")
+"""What ``fit`` stores: every token map a store-trained method can read (``all``), or only the
+taps of the methods asked for (``needed``)."""
+
+
+def training_images(task: Task) -> list[str]:
+    """Paths of every image the protocol trains or selects on (all splits but ``test``), once each."""
+    seen: dict[str, None] = {}
+    for split, items in task.splits.items():
+        if split != "test":
+            seen.update((str(i.path), None) for i in items)
+    return list(seen)
+
+
+def extract_task(task: Task, net: FrozenBackbone | TapSource, taps: Sequence[Tap], *, store_taps: str = "all",
+                 dtype: str = "float16", batch_size: int = 32, progress: bool = True, device: str = "cpu",
+                 num_workers: int | None = None, verify: bool = False) -> ActivationStore:
+    """The activation store of ``task``'s training images (every split but test) holding ``taps``.
+
+    An existing store that holds ``taps`` (or token maps they are reductions of) is reused
+    without running the backbone. Otherwise, with ``store_taps="all"`` (the default for a local
+    backbone) the backbone's pass stores every token map a store-trained method can read
+    (:func:`frozenlens.store.token_maps`), so adding any method to the task later never runs the
+    backbone over these images again; the disk this takes is logged before the pass, and refused
+    when the disk has less room. ``"needed"`` stores ``taps`` alone. A feature server
+    (:class:`TapSource`) always sends only ``taps``. The test split is never stored: ``fit``
+    scores it in one streaming pass (:func:`frozenlens.protocol.score_test`). ``verify`` checks
+    every shard of a store before reusing it and re-extracts damaged ones
+    (:func:`frozenlens.store.verify_store`).
+    """
+    if store_taps not in STORE_TAPS:
+        raise ConfigError(f"store_taps={store_taps!r}: use 'all' (every token map, so later methods never "
+                          "re-run the backbone) or 'needed' (only the taps of these methods)")
+    info = net.describe()
+    if "depth" in info:
+        check_taps(taps, int(info["depth"]), str(info.get("name", "the backbone")))
+    images = training_images(task)
+    remote = not isinstance(net, FrozenBackbone)
+    options = dict(dtype=dtype, batch_size=batch_size, progress=progress, device=device, num_workers=num_workers,
+                   shard_size=batch_size if remote else None, verify=verify)
+    if remote or store_taps == "needed":
+        return extract(net, images, taps, **options)
+    existing = find_task_store(net, images, taps, dtype, verify=verify)
+    if existing is not None:
+        if progress:
+            _log.info("reusing activation store %s (%d images)", existing.path, existing.num_images)
+        return existing
+    maps = token_maps(net.depth)
+    sites = {t.site for t in maps}
+    everything = sorted({*maps, *(t for t in taps if t.site not in sites)})  # the rest reduce from the maps
+    check_disk_room(net, everything, len(images), dtype, progress=progress)
+    return extract(net, images, everything, **options)
 
 
 _log = logging.getLogger("frozenlens")
@@ -397,6 +472,27 @@ def _finished_runs(out_dir: Path, run_keys: dict[str, str]) -> dict[str, dict[st
     return finished
 
 
+def _unscored_runs(out_dir: Path, finished: dict[str, dict[str, Any]],
+                   net: FrozenBackbone | TapSource) -> dict[str, MethodResult]:
+    """Saved methods whose test split was not scored yet (a fit stopped before its test pass):
+    every seed's adapter, loaded again, ready for :func:`score_test`."""
+    source = net if isinstance(net, FrozenBackbone) else net.describe()
+    unscored = {}
+    for label, record in finished.items():
+        if record.get("test_pending"):
+            seeds = record.get("seeds") or [record.get("adapter_seed", 0)]
+            folders = [out_dir / label, *(seed_folder(out_dir / label, seed) for seed in seeds[1:])]
+            models = [load_adapter(folder, source).method for folder in folders]
+            unscored[label] = MethodResult(record["method"], models[0].config, TrainConfig(), model=models[0],
+                                           models=models, test_pending=True)
+    return unscored
+
+
+def seed_folder(adapter_dir: Path, seed: int) -> Path:
+    """Where ``fit`` saves the adapter of a final run with ``seed`` other than the first seed's."""
+    return Path(adapter_dir) / f"seed-{seed}"
+
+
 def remote_settings(method: str) -> dict[str, Any]:
     """Settings method ``method`` takes when a feature server computes its taps (``fit`` with a
     :class:`~frozenlens.store.TapSource`): its class's ``remote_settings``, e.g. MIST reads
@@ -406,9 +502,12 @@ def remote_settings(method: str) -> dict[str, Any]:
 
 def _save_method(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, result: MethodResult,
                  record: dict[str, Any], store_dtype: str) -> None:
-    save_adapter(out_dir / record["label"], result.model, task.classes,
-                 extra={"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
-                        "spec": record["spec"], "seed": record["adapter_seed"], "result": record})
+    extra = {"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
+             "spec": record["spec"]}
+    folder = out_dir / record["label"]
+    for seed, model in zip(record["seeds"][1:], result.models[1:]):
+        save_adapter(seed_folder(folder, seed), model, task.classes, extra={**extra, "seed": seed})
+    save_adapter(folder, result.model, task.classes, extra={**extra, "seed": record["adapter_seed"], "result": record})
 
 
 def _save_results(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, store: ActivationStore | None,

@@ -8,6 +8,9 @@ split: it is only evaluated once per final model.
 Methods that read taps get :class:`TapData` from the activation store; methods
 that run the backbone in the loop (``Method.in_loop``) get :class:`ImageData`
 (images decoded and preprocessed once, shared by every grid point and seed).
+When the store does not hold the test images (``fit`` stores training images
+only), every seed's model is kept and :func:`score_test` scores them all in one
+streaming backbone pass over the test split.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
+from tqdm.auto import tqdm
+
 from frozenlens.backbones.base import FrozenBackbone
+from frozenlens.backbones.taps import Tap
 from frozenlens.data import Task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, build_method
-from frozenlens.store.store import ActivationStore
+from frozenlens.store.store import ActivationStore, TapSource
+from frozenlens.store.streaming import stream_taps
 from frozenlens.train.data import TapData
 from frozenlens.train.images import ImageData
 from frozenlens.train.measure import Measure
@@ -44,6 +52,10 @@ class MethodResult:
     train_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     model: Method | None = None
+    models: list[Method] = field(default_factory=list)
+    """Every seed's final model, in seed order (``model`` is the first)."""
+    test_pending: bool = False
+    """True when the test split is to be scored later, in one streaming pass (:func:`score_test`)."""
 
     @property
     def test_mean(self) -> float | None:
@@ -106,13 +118,53 @@ def run_protocol(
             type(models[0]).fit_many(models, data.get("trainval", models[0]), group, progress=progress)
         result.train_seconds += measured.seconds / len(seeds)
         result.peak_memory_mb = max(result.peak_memory_mb, measured.peak_mb)
-        if "test" in task.splits:
+        if "test" in task.splits and data.has("test", models[0]):
             test = data.get("test", models[0])
             result.test_accuracies += [evaluate(model, test, group[0].device) for model in models]
+        else:
+            result.test_pending = "test" in task.splits
+        result.models += models
         if result.model is None:
             result.model = models[0]
     result.trainable_params = count_trainable(result.model)
     return result
+
+
+def score_test(results: Sequence[MethodResult], task: Task, backbone: FrozenBackbone | TapSource, *,
+               store_dtype: str = "float16", batch_size: int = 32, device: str = "cpu", progress: bool = False,
+               num_workers: int | None = None) -> None:
+    """Test accuracy of every seed's model of ``results``, from ONE backbone pass over the test images.
+
+    The pass computes the union of the taps the models read (rounded to ``store_dtype``, as
+    they were stored for training) and scores every model on each batch, so a ``fit`` of many
+    methods costs one pass over its test split, however many methods and seeds. Fills
+    ``test_accuracies`` and clears ``test_pending``.
+    """
+    pending = [r for r in results if r.test_pending]
+    models = [m for r in pending for m in r.models]
+    if not models:
+        return
+    items = task.split("test")
+    labels = torch.as_tensor([i.label for i in items], dtype=torch.long)
+    correct = torch.zeros(len(models), dtype=torch.long)
+    taps = sorted({Tap.parse(key) for model in models for key in model.tap_keys()})
+    dtype = getattr(torch, store_dtype)
+    for model in models:
+        model.to(device).eval()
+    bar = tqdm(total=len(items), desc=f"test ({len(models)} models)", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    with bar, torch.inference_mode():
+        for rows, values in stream_taps(backbone, [str(i.path) for i in items], taps, batch_size=batch_size,
+                                        device=device, num_workers=num_workers):
+            features = {key: value.to(device).to(dtype).float() for key, value in values.items()}
+            truth = labels[rows]
+            for index, model in enumerate(models):
+                correct[index] += int((model(features).argmax(1).cpu() == truth).sum())
+            bar.update(len(rows))
+    accuracies = iter((correct.double() / max(len(items), 1)).tolist())
+    for result in pending:
+        result.test_accuracies = [next(accuracies) for _ in result.models]
+        result.test_pending = False
 
 
 class _SplitCache:
@@ -125,6 +177,12 @@ class _SplitCache:
         self.stream = stream
         self._loaded: dict[tuple[str, tuple[str, ...]], TapData] = {}
         self._images: dict[str, ImageData] = {}
+
+    def has(self, split: str, method: Method) -> bool:
+        """True when ``method``'s data for ``split`` is at hand (the store holds the split's images)."""
+        if method.in_loop:
+            return True
+        return self.store is not None and self.store.has_images(str(i.path) for i in self.task.split(split))
 
     def get(self, split: str, method: Method) -> TapData | ImageData:
         """What ``method`` trains or is evaluated on for ``split``."""

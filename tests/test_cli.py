@@ -54,9 +54,9 @@ def test_predict_matches_the_stored_path(tiny_task, tmp_path, capsys):
     report = frozenlens.fit(tiny_task, ["head2toe"], backbone=TINY_BACKBONE, img_size=32, epochs=5,
                             out=tmp_path / "r", progress=False)
     method = load_adapter(tmp_path / "r" / "head2toe").method
-    test = split_data(report.store, report.task, "test", method.tap_keys())
-    stored = predict_logits(method, test).softmax(-1)
-    fresh = frozenlens.predict([tmp_path / "r" / "head2toe"], [i.path for i in report.task.split("test")],
+    val = split_data(report.store, report.task, "val", method.tap_keys())
+    stored = predict_logits(method, val).softmax(-1)
+    fresh = frozenlens.predict([tmp_path / "r" / "head2toe"], [i.path for i in report.task.split("val")],
                                top_k=3)
     for row, pred in zip(stored, fresh):
         assert dict(pred.top) == pytest.approx(

@@ -373,7 +373,7 @@ def test_cli_extract_verify_repairs_a_damaged_shard(tiny_task, tmp_path, monkeyp
     assert main(argv) == 0
     store_dir = next((tmp_path / "cache" / "stores").glob("*/meta.json")).parent
     before = _store_bytes(store_dir)
-    _corrupt_bytes(next((store_dir / "shards" / "000000").glob("final__cls.npy")))
+    _corrupt_bytes(next((store_dir / "shards" / "000000").glob("final__tokens.npy")))
     assert main(argv + ["--verify"]) == 0
     assert list((store_dir / "quarantine").iterdir())
     assert _store_bytes(store_dir) == before

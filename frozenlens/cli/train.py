@@ -27,7 +27,8 @@ def add_parsers(sub: Any) -> None:
     add_remote_args(fit, codec_default="float16")
     fit.set_defaults(run=run_fit)
 
-    extract = sub.add_parser("extract", help="run the backbone once and store the taps methods need")
+    extract = sub.add_parser("extract", help="run the backbone once over the training images and store "
+                                             "what `fit` will train from")
     extract.add_argument("data", help="task folder")
     extract.add_argument("--method", action="append", dest="methods", metavar="NAME[:key=value,...]",
                          help="store the taps of these methods (default: linear); training settings "
@@ -38,6 +39,7 @@ def add_parsers(sub: Any) -> None:
     extract.add_argument("--batch-size", type=positive_int, default=32,
                          help="images per backbone pass (default: 32)")
     _add_workers_arg(extract)
+    _add_store_taps_arg(extract)
     extract.add_argument("--verify", action="store_true",
                          help="check every shard of an existing store against the hashes recorded "
                               "when it was written (and for NaN/inf); damaged shards are set aside "
@@ -60,6 +62,7 @@ def _add_fit_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
                         help="precision of stored activations (default: float16)")
     _add_workers_arg(parser)
+    _add_store_taps_arg(parser)
     parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="leave stored taps on disk and read each minibatch from the store: "
                              "memory stays at one batch however many images (default: on with "
@@ -79,6 +82,15 @@ def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
                              "(default: one per core, at most 4; 0: decode between backbone passes)")
 
 
+def _add_store_taps_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store-taps", choices=["all", "needed"], default="all",
+                        help="all (default): store every token map of the training images (embed, each "
+                             "block, final; ~2.8 MB per image for ViT-S at 224 px in float16, logged "
+                             "before the pass), so any method added to this task later trains without "
+                             "running the backbone again; needed: only the taps of these methods. Test "
+                             "images are never stored: they are scored in one streaming pass")
+
+
 def run_fit(args: argparse.Namespace) -> int:
     """``frozenlens fit``."""
     from frozenlens.api import fit
@@ -94,6 +106,7 @@ def run_fit(args: argparse.Namespace) -> int:
     report = fit(task, args.methods or ["linear"], backbone=backbone, arch=args.arch,
                  img_size=args.img_size, grid=args.grid, seeds=args.seeds, epochs=args.epochs, out=out,
                  device=args.device, store_dtype=args.store_dtype, num_workers=args.workers,
+                 store_taps=args.store_taps,
                  low_memory=bool(args.remote) if args.low_memory is None else args.low_memory)
     print_report(report)
     return 0
@@ -115,12 +128,10 @@ def print_report(report: Any) -> None:
 
 def run_extract(args: argparse.Namespace) -> int:
     """``frozenlens extract``."""
-    from frozenlens.api import MethodSpec
+    from frozenlens.api import MethodSpec, extract_task
     from frozenlens.backbones import Tap, load_backbone
-    from frozenlens.backbones.taps import check_taps
     from frozenlens.data import load_task
     from frozenlens.methods import get_method
-    from frozenlens.store import extract
 
     task = load_task(args.data)
     taps = {Tap.parse(t) for t in args.taps or []}
@@ -128,9 +139,8 @@ def run_extract(args: argparse.Namespace) -> int:
     net = load_backbone(args.backbone, arch=args.arch, img_size=args.img_size, device=args.device)
     for spec in specs:
         taps |= set(get_method(spec.name).taps(spec.config(), net.describe()))
-    check_taps(taps, net.depth, net.name)
-    store = extract(net, [str(i.path) for i in task.all_images()], sorted(taps),
-                    dtype=args.store_dtype, batch_size=args.batch_size, device=args.device,
-                    verify=args.verify, num_workers=args.workers)
+    store = extract_task(task, net, sorted(taps), store_taps=args.store_taps, dtype=args.store_dtype,
+                         batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                         verify=args.verify)
     print(f"store: {store.path} ({store.num_images} images, {store.bytes_per_image / 1024:.1f} KB/img)")
     return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,8 +46,8 @@ from tqdm.auto import tqdm
 
 from frozenlens.atomic import write_json
 from frozenlens.backbones.base import FrozenBackbone
-from frozenlens.backbones.taps import Tap
-from frozenlens.errors import ConfigError, StoreError
+from frozenlens.backbones.taps import Tap, reduce_tokens, tap_shape
+from frozenlens.errors import ConfigError, FrozenlensError, StoreError
 from frozenlens.paths import cache_dir, ensure_dir
 from frozenlens.store.fingerprint import images_fingerprint
 from frozenlens.store.loader import ImageFiles, preprocessed_batches, resolve_workers
@@ -70,8 +71,8 @@ STORE_FORMAT = 1
 _SHARD_BYTES = 256 * 2**20
 _DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
 
-__all__ = ["ActivationStore", "TapSource", "extract", "find_store", "images_fingerprint",
-           "read_meta", "store_root", "verify_store"]
+__all__ = ["ActivationStore", "TapSource", "check_disk_room", "extract", "find_store", "find_task_store",
+           "images_fingerprint", "read_meta", "store_root", "token_maps", "verify_store"]
 
 
 def store_root() -> Path:
@@ -186,13 +187,27 @@ class ActivationStore:
         return self.meta["bytes_total"] / max(self.num_images, 1)
 
     def bytes_per_image_of(self, keys: Iterable[str]) -> int:
-        """Stored bytes per image of taps ``keys`` alone."""
+        """Bytes per image of taps ``keys`` alone, in the store's precision (a tap computed from a
+        stored token map counts at its own size)."""
         itemsize = np.dtype(self.dtype).itemsize
         return sum(int(np.prod(self.shape(k))) * itemsize for k in keys)
 
+    def holds(self, key: str) -> bool:
+        """True when tap ``key`` is stored, or is a reduction of a stored token map (see :meth:`get`)."""
+        return holds_tap(self.meta, key)
+
     def shape(self, key: str) -> tuple[int, ...]:
         """Per-image shape of tap ``key``."""
-        return tuple(self.meta["shapes"][self._check(key)])
+        if key in self.meta["shapes"]:
+            return tuple(self.meta["shapes"][key])
+        source = self._source(key)
+        num_tokens, dim = self.meta["shapes"][source]
+        return tap_shape(Tap.parse(key), num_tokens, self.meta["backbone"]["num_prefix_tokens"], dim)
+
+    def has_images(self, paths: Iterable[Path | str]) -> bool:
+        """True when every image of ``paths`` is in the store."""
+        stored = set(self.meta["images"])
+        return all(str(p) in stored for p in paths)
 
     def index_of(self, paths: Iterable[Path | str]) -> np.ndarray:
         """Row indices of ``paths`` in the store."""
@@ -208,8 +223,9 @@ class ActivationStore:
         Each shard is mapped only while its rows are copied: a read of a whole
         split keeps its copy resident, not the file pages it came from as well.
         """
-        key = self._check(key)
         indices = np.asarray(indices, dtype=np.int64)
+        if key not in self.meta["shapes"]:
+            return self._derive(key, indices)
         size = self.meta["shard_size"]
         out = np.empty((len(indices), *self.shape(key)), dtype=self.meta["dtype"])
         shard_of = indices // size
@@ -224,10 +240,25 @@ class ActivationStore:
         """All rows of tap ``key``, in memory."""
         return self.get(key, np.arange(self.num_images))
 
-    def _check(self, key: str) -> str:
-        if key not in self.meta["shapes"]:
-            raise StoreError(f"{self.path}: tap {key!r} not stored (has {', '.join(self.taps)})")
-        return key
+    def _source(self, key: str) -> str:
+        """The stored token map tap ``key`` is computed from."""
+        source = derivation_source(self.meta, key)
+        if source is None:
+            raise StoreError(f"{self.path}: tap {key!r} is neither stored nor a reduction of a stored token "
+                             f"map (has {', '.join(self.taps)})")
+        return source
+
+    def _derive(self, key: str, indices: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """Rows of tap ``key`` reduced from its site's stored tokens, ``chunk`` images at a time
+        (in float32, then stored precision: what the backbone pass would have stored)."""
+        source, reduce = self._source(key), Tap.parse(key).reduce
+        backbone = self.meta["backbone"]
+        prefix, grid = int(backbone["num_prefix_tokens"]), tuple(backbone["grid_size"])
+        out = np.empty((len(indices), *self.shape(key)), dtype=self.meta["dtype"])
+        for start in range(0, len(indices), chunk):
+            tokens = torch.from_numpy(self.get(source, indices[start:start + chunk])).float()
+            out[start:start + chunk] = reduce_tokens(tokens, reduce, prefix, grid).numpy()
+        return out
 
     def _map(self, key: str, shard: int) -> np.ndarray:
         file = shard_dir(self.path, shard) / tap_file(key)
@@ -240,6 +271,24 @@ class ActivationStore:
 
 _META_FIELDS = {"taps": list, "shapes": dict, "dtype": str, "num_images": int, "shard_size": int,
                 "num_shards": int, "images": list, "base_key": str}
+
+
+def derivation_source(meta: Mapping, key: str) -> str | None:
+    """The stored ``<site>:tokens`` map that tap ``key`` (not stored itself) is a reduction of,
+    or None when ``key`` cannot be computed from what the store ``meta`` describes."""
+    try:
+        tap = Tap.parse(key)
+    except FrozenlensError:
+        return None
+    source = f"{tap.site}:tokens"
+    backbone = meta.get("backbone", {})
+    reducible = "num_prefix_tokens" in backbone and "grid_size" in backbone
+    return source if tap.reduce != "tokens" and reducible and source in meta["shapes"] else None
+
+
+def holds_tap(meta: Mapping, key: str) -> bool:
+    """True when the store described by ``meta`` stores tap ``key`` or can compute it."""
+    return key in meta["shapes"] or derivation_source(meta, key) is not None
 
 
 def read_meta(meta_file: Path) -> dict:
@@ -327,7 +376,8 @@ def verify_store(store: ActivationStore | Path | str, *, hashes: bool = True) ->
 
 def find_store(root: Path, base_key: str, taps: Iterable[str], *,
                verify: bool = False) -> ActivationStore | None:
-    """A complete store under ``root`` with the same backbone/images/dtype holding all ``taps``.
+    """A complete store under ``root`` with the same backbone/images/dtype holding all ``taps``
+    (stored, or as reductions of stored token maps: :meth:`ActivationStore.holds`).
 
     Unreadable or damaged stores are skipped with a warning naming the file, so
     one bad store never stops the search (or another task).
@@ -347,7 +397,7 @@ def _open_candidate(meta_file: Path, base_key: str, wanted: set[str],
                     verify: bool) -> ActivationStore | None:
     try:
         meta = read_meta(meta_file)
-        if meta["base_key"] != base_key or not wanted <= set(meta["taps"]):
+        if meta["base_key"] != base_key or not all(holds_tap(meta, key) for key in wanted):
             return None
         if not (meta_file.parent / COMPLETE).is_file():
             return None
@@ -357,6 +407,50 @@ def _open_candidate(meta_file: Path, base_key: str, wanted: set[str],
     except StoreError as err:
         logger.warning("skipping activation store: %s", err)
         return None
+
+
+def token_maps(depth: int) -> list[Tap]:
+    """Every token map a store-trained method reads, or reduces to what it reads: the input of
+    block 0 (``embed``), the output of each of the ``depth`` blocks, and the final norm's output.
+    Every other tap (``cls``, ``patch_mean``, ``pool<g>``) is a reduction of one of these
+    (:meth:`ActivationStore.get` computes it), and MIST's gather is their sum."""
+    return [Tap("embed"), *(Tap(f"block.{i}") for i in range(depth)), Tap("final")]
+
+
+def find_task_store(backbone: FrozenBackbone | TapSource, images: Sequence[Path | str], taps: Iterable[Tap],
+                    dtype: str = "float16", root: Path | None = None, verify: bool = False,
+                    ) -> ActivationStore | None:
+    """A complete store of ``images`` by ``backbone`` (same weights, preprocessing, dtype and image
+    contents) that holds ``taps`` or token maps they reduce from; None when there is none."""
+    paths = [str(Path(p)) for p in images]
+    origin = None if isinstance(backbone, FrozenBackbone) else backbone.origin
+    keys = tuple(t.key for t in sorted(set(taps)))
+    plan = _Plan(backbone.describe(), keys, dtype, tuple(paths), images_fingerprint(paths), origin)
+    return find_store(Path(root) if root else store_root(), plan.base_key, keys, verify=verify)
+
+
+def check_disk_room(backbone: FrozenBackbone | TapSource, taps: Sequence[Tap], num_images: int, dtype: str,
+                    *, root: Path | None = None, progress: bool = True) -> int:
+    """Bytes a store of ``taps`` for ``num_images`` images takes, logged before it is written.
+
+    Raises:
+        StoreError: the disk holding the store folder has less room than that (naming the folder,
+            the sizes and what to do).
+    """
+    itemsize = np.dtype(_DTYPES[dtype][1]).itemsize if dtype in _DTYPES else 2
+    per_image = sum(int(np.prod(backbone.tap_shape(t))) for t in taps) * itemsize
+    total = per_image * num_images
+    folder = ensure_dir(Path(root) if root else store_root())
+    free = shutil.disk_usage(folder).free
+    if progress:
+        logger.info("storing %d taps of %d images: %.2f MB per image, %.2f GB in %s (%.1f GB free)",
+                    len(taps), num_images, per_image / 1e6, total / 1e9, folder, free / 1e9)
+    if total > free:
+        raise StoreError(f"{folder}: the activation store needs {total / 1e9:.2f} GB ({per_image / 1e6:.2f} MB "
+                         f"per image x {num_images} images) but the disk has {free / 1e9:.2f} GB free. Store "
+                         "only what these methods read (fit --store-taps needed / store_taps='needed'), "
+                         "use --store-dtype float16, or point FROZENLENS_CACHE at a larger disk")
+    return total
 
 
 def extract(
@@ -396,7 +490,8 @@ def extract(
 
     Returns:
         The complete store. An existing complete store with the same backbone,
-        images and dtype that holds all ``taps`` is returned as is. Several
+        images and dtype that holds all ``taps`` (or the token maps they reduce from)
+        is returned as is. Several
         processes may extract the same store at once; each returns it complete.
     """
     if dtype not in _DTYPES:

@@ -1,0 +1,43 @@
+"""Tap values of images that are not stored: one backbone pass, batch by batch.
+
+What ``fit`` uses to score the test split (:func:`frozenlens.protocol.score_test`):
+images are decoded and preprocessed by DataLoader workers while the backbone runs
+(as extraction does), or a feature server (:class:`~frozenlens.store.TapSource`)
+computes the taps, and nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from frozenlens.backbones.base import FrozenBackbone
+from frozenlens.backbones.taps import Tap
+from frozenlens.store.loader import ImageFiles, preprocessed_batches, resolve_workers
+from frozenlens.store.store import TapSource
+
+
+def stream_taps(backbone: FrozenBackbone | TapSource, paths: Sequence[str], taps: Sequence[Tap], *,
+                batch_size: int = 32, device: str | torch.device = "cpu", num_workers: int | None = None,
+                ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """``(rows, {tap key: values})`` for consecutive batches of ``paths``, in order.
+
+    Values are float32 tensors on CPU (local backbone: where it runs), one row per image.
+    ``num_workers`` as in :func:`frozenlens.store.extract`.
+
+    Raises:
+        FrozenlensError: an image cannot be read or preprocessed (the message names it).
+    """
+    batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
+    if not isinstance(backbone, FrozenBackbone):
+        for rows in batches:
+            values = backbone.compute_taps([paths[r] for r in rows], taps)
+            yield torch.tensor(rows), {k: torch.from_numpy(v).float() for k, v in values.items()}
+        return
+    workers = resolve_workers(num_workers, len(batches))
+    dataset = ImageFiles(paths, backbone.transform())
+    pin = torch.device(device).type == "cuda"
+    with torch.inference_mode():
+        for rows, images in preprocessed_batches(dataset, batches, num_workers=workers, pin_memory=pin):
+            yield rows, backbone.forward_taps(images.to(device), taps)
