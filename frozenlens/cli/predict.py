@@ -13,7 +13,7 @@ from frozenlens.errors import FrozenlensError
 
 def add_parsers(sub: Any) -> None:
     """Register ``predict``."""
-    from frozenlens.serve.cli import add_remote_args
+    from frozenlens.cli.serve import add_remote_args
 
     predict = sub.add_parser("predict", help="classify images with one or more adapters",
                              description="Arguments that are adapter folders (they hold adapter.json) "
@@ -56,7 +56,7 @@ def run_predict(args: argparse.Namespace) -> int:
     backbone = args.backbone
     if args.remote:
         from frozenlens.adapter import read_adapter_meta
-        from frozenlens.serve.cli import remote_source
+        from frozenlens.cli.serve import remote_source
 
         meta = read_adapter_meta(adapters[0])
         codec = args.codec or str(meta.get("features_from", "")).removeprefix("remote:") or "float16"

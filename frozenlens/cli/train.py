@@ -16,7 +16,7 @@ method, grid point and seed trains from the activation store."""
 
 def add_parsers(sub: Any) -> None:
     """Register ``fit`` and ``extract``."""
-    from frozenlens.serve.cli import add_remote_args
+    from frozenlens.cli.serve import add_remote_args
 
     fit = sub.add_parser("fit", help="extract once, train methods, save adapters and results",
                          formatter_class=argparse.RawDescriptionHelpFormatter, description=_FIT_DESCRIPTION)
@@ -100,7 +100,7 @@ def run_fit(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / task.name)
     backbone = args.backbone
     if args.remote:
-        from frozenlens.serve.cli import remote_source
+        from frozenlens.cli.serve import remote_source
 
         backbone = remote_source(args, args.codec)
     report = fit(task, args.methods or ["linear"], backbone=backbone, arch=args.arch,
