@@ -8,6 +8,7 @@
     frozenlens pretune toast DATA... --out DIR        # TOAST's pre-tuning             cli/toast.py
     frozenlens explain runs/mytask/toast photo.jpg --out maps/
     frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
+    frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
 
 The built-in demo is ``make demo`` (``python -m examples.demo``), outside the library.
 """
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_parsers(sub)
     serve.add_parsers(sub)
     toast.add_parsers(sub)
+    lm.add_parsers(sub)
     lm.add_parsers(sub)
     info.add_parsers(sub)
     return parser
