@@ -1,0 +1,146 @@
+"""Cells: the units of work of a bench, each saved (atomically, as JSON) the moment it finishes.
+
+A cell is one task view x one method x one stage:
+
+* ``protocol``: a method that trains from the store runs the whole protocol in one
+  :func:`frozenlens.protocol.run_protocol` call (its grid points train together in one
+  pass over the store, then its seeds in another), so its grid and seeds are one cell;
+* ``grid``: one grid point of a method that runs the backbone in the loop (trained on
+  train, scored on val; those train one point at a time anyway);
+* ``final``: one seed of such a method, retrained on train+val with the selected point
+  and tested once.
+
+A finished cell is ``<out>/cells/<task>/<method label>/<view>/<stage>-<id>.json``
+holding the cell, its key (a hash of everything its result depends on) and the
+result. A rerun skips every cell whose file holds the same key, so an interrupted
+bench resumes without recomputing anything finished; a cell whose inputs changed
+(other epochs, data, backbone) is computed again and its file replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from frozenlens.atomic import write_json
+
+_log = logging.getLogger("frozenlens")
+
+STAGES = ("protocol", "grid", "final")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work of a bench.
+
+    Attributes:
+        task: the task's name (unique within a bench).
+        method: the method spec as written (``linear``, ``vqt:num_queries=2``).
+        label: the method's folder-safe label (:attr:`frozenlens.api.MethodSpec.label`).
+        stage: ``protocol``, ``grid`` or ``final`` (see the module docstring).
+        shots: images per class of a few-shot view (None: the VTAB-1k splits).
+        draw: seed of the few-shot draw (None for VTAB-1k).
+        point: the grid point (``grid``), or the selected one a ``final`` cell trains with, as
+            sorted ``(name, value)`` pairs; empty for defaults.
+        seeds: seeds of the final runs this cell trains (``protocol``, ``final``).
+    """
+
+    task: str
+    method: str
+    label: str
+    stage: str
+    shots: int | None = None
+    draw: int | None = None
+    point: tuple[tuple[str, Any], ...] = ()
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def view(self) -> str:
+        """``vtab``, or ``shots<k>-draw<d>`` for a few-shot view."""
+        return "vtab" if self.shots is None else f"shots{self.shots}-draw{self.draw}"
+
+    @property
+    def point_dict(self) -> dict[str, Any]:
+        """:attr:`point` as a dict."""
+        return dict(self.point)
+
+    def describe(self) -> str:
+        """One line for progress displays: task, view, method, stage and point or seeds."""
+        what = {"protocol": f"grid+seeds {list(self.seeds)}", "grid": _point_text(self.point),
+                "final": f"seed {','.join(map(str, self.seeds))} with {_point_text(self.point)}"}[self.stage]
+        view = "" if self.shots is None else f" {self.view}"
+        return f"{self.task}{view} {self.method} {self.stage} {what}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (tuples become lists)."""
+        out = asdict(self)
+        out["point"] = [list(pair) for pair in self.point]
+        out["seeds"] = list(self.seeds)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Cell":
+        """The cell :meth:`to_dict` wrote."""
+        return cls(**{**data, "point": tuple(tuple(p) for p in data["point"]), "seeds": tuple(data["seeds"])})
+
+    def file_name(self) -> str:
+        """The cell's file name within its method/view folder."""
+        if self.stage == "protocol":
+            return "protocol.json"
+        tail = _slug(_point_text(self.point)) if self.stage == "grid" else "seed" + "+".join(map(str, self.seeds))
+        digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:6]
+        return f"{self.stage}-{tail}-{digest}.json"
+
+
+def _point_text(point: tuple[tuple[str, Any], ...]) -> str:
+    return ",".join(f"{k}={v}" for k, v in point) or "defaults"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+,-]+", "_", text)[:60]
+
+
+def cell_key(cell: Cell, material: dict[str, Any]) -> str:
+    """Hash of the cell and of everything else its result depends on (``material``)."""
+    blob = json.dumps({"cell": cell.to_dict(), **material}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class Ledger:
+    """The finished cells of a bench under ``<out>/cells/``."""
+
+    def __init__(self, out_dir: Path):
+        self.root = Path(out_dir) / "cells"
+
+    def path(self, cell: Cell) -> Path:
+        """Where ``cell``'s result is (or will be) saved."""
+        return self.root / _slug(cell.task) / cell.label / cell.view / cell.file_name()
+
+    def load(self, cell: Cell, key: str) -> dict[str, Any] | None:
+        """The saved result of ``cell`` when it was computed with the same ``key``, else None.
+
+        A file that cannot be read or parsed (it cannot be half-written: writes are atomic,
+        but it may have been edited) is logged and treated as not finished.
+        """
+        path = self.path(cell)
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            _log.warning("%s: unreadable (%s); the cell will be computed again", path, err)
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("result"), dict):
+            return None
+        return saved["result"]
+
+    def save(self, cell: Cell, key: str, result: dict[str, Any]) -> Path:
+        """Save a finished cell atomically; returns its file."""
+        path = self.path(cell)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_json(path, {"cell": cell.to_dict(), "key": key, "result": result})

@@ -1,0 +1,279 @@
+"""Everything a cell needs in one process, and the computation of a cell.
+
+The same :meth:`Workspace.execute` runs a cell in the local engine and inside a
+Ray task, so both engines compute the same numbers. Training goes through
+:func:`frozenlens.protocol.run_protocol` (stacked grid points and seeds for
+store-trained methods; one point or seed per call for in-loop methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frozenlens.api import MethodSpec
+from frozenlens.backbones import FrozenBackbone, Tap, load_backbone
+from frozenlens.bench.cells import Cell
+from frozenlens.bench.config import BenchConfig
+from frozenlens.bench.flops import backbone_flops_per_image, flops_per_image
+from frozenlens.bench.views import fewshot_view, selection_view, split_signature
+from frozenlens.data import Task, load_task
+from frozenlens.errors import FrozenlensError
+from frozenlens.methods import Method, config_to_dict, get_method
+from frozenlens.protocol import MethodResult, run_protocol, split_data
+from frozenlens.store import ActivationStore
+from frozenlens.train.data import TapData
+from frozenlens.train.images import ImageData
+from frozenlens.train.measure import Measure
+from frozenlens.train.trainer import TrainConfig
+
+_log = logging.getLogger("frozenlens")
+
+FLOP_IMAGES = 2
+"""Images a FLOP count runs on (FLOPs grow linearly with the batch)."""
+
+
+@dataclass
+class WorkspaceSpec:
+    """What rebuilds a :class:`Workspace` in another process (a Ray worker): plain data only."""
+
+    config: BenchConfig
+    task_paths: dict[str, str]
+    store_paths: dict[str, str] = field(default_factory=dict)
+
+
+def train_config_of(spec: MethodSpec, config: BenchConfig) -> TrainConfig:
+    """The method's training settings: its defaults, then ``--epochs``, then the spec's own settings
+    (as ``frozenlens fit`` does), with a warm-up shortened to fit a short run."""
+    overrides = {**({"epochs": config.epochs} if config.epochs is not None else {}), **spec.train_overrides()}
+    try:
+        cfg = get_method(spec.name).train_defaults.updated(device=config.device, **overrides)
+    except ValueError as err:
+        raise FrozenlensError(f"method {spec.text!r}: {err}") from None
+    return cfg.short_run_warmup()[0]
+
+
+def grid_of(spec: MethodSpec, config: BenchConfig, view: Task) -> dict[str, list[Any]] | None:
+    """The grid ``spec`` is tuned over on ``view`` (None: no val split, or no search asked)."""
+    if "val" not in view.splits or "train" not in view.splits:
+        return None
+    grid = get_method(spec.name).grid if config.grid is None else config.grid
+    return {k: list(v) for k, v in grid.items()} or None
+
+
+def split_point(point: dict[str, Any], method_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A grid point as ``(TrainConfig changes, method-config changes)``.
+
+    Raises:
+        FrozenlensError: a name that is neither a training nor a method setting.
+    """
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    method_fields = {f.name for f in dataclasses.fields(method_config)}
+    unknown = set(point) - train_fields - method_fields
+    if unknown:
+        raise FrozenlensError(f"grid names {sorted(unknown)}: neither training nor method settings")
+    return ({k: v for k, v in point.items() if k in train_fields},
+            {k: v for k, v in point.items() if k not in train_fields})
+
+
+class Workspace:
+    """Loaded backbone, tasks and stores of one process, and the computation of cells."""
+
+    def __init__(self, spec: WorkspaceSpec, backbone: FrozenBackbone | None = None):
+        self.spec = spec
+        self.config = spec.config
+        self._backbone = backbone
+        self._tasks: dict[str, Task] = {}
+        self._stores: dict[str, ActivationStore] = {}
+        self._extract_flops: dict[str, float] = {}
+
+    # -- resources ----------------------------------------------------------------------
+    @property
+    def backbone(self) -> FrozenBackbone:
+        """The frozen backbone (loaded on first use)."""
+        if self._backbone is None:
+            c = self.config
+            self._backbone = load_backbone(c.backbone, arch=c.arch, img_size=c.img_size, device=c.device)
+        return self._backbone
+
+    def task(self, name: str) -> Task:
+        """The task named ``name``."""
+        if name not in self._tasks:
+            self._tasks[name] = load_task(self.spec.task_paths[name])
+        return self._tasks[name]
+
+    def store(self, name: str) -> ActivationStore:
+        """The activation store of task ``name`` (extracted before any cell runs)."""
+        if name not in self._stores:
+            if name not in self.spec.store_paths:
+                raise FrozenlensError(f"task {name!r}: no activation store was extracted for it")
+            self._stores[name] = ActivationStore(self.spec.store_paths[name])
+        return self._stores[name]
+
+    def view(self, cell: Cell) -> Task:
+        """The task view ``cell`` trains on (VTAB splits, or a few-shot draw)."""
+        task = self.task(cell.task)
+        return task if cell.shots is None else fewshot_view(task, cell.shots, cell.draw)
+
+    def material(self, cell: Cell) -> dict[str, Any]:
+        """Everything besides the cell itself that its result depends on (hashed into its key)."""
+        spec = MethodSpec.parse(cell.method)
+        view = self.view(cell)
+        cfg = train_config_of(spec, self.config).to_dict()
+        cfg.pop("device")
+        c = self.config
+        return {"backbone": [c.backbone, c.arch, c.img_size], "store_dtype": c.store_dtype,
+                "config": repr(spec.config()), "train": cfg, "grid": grid_of(spec, c, view),
+                "splits": split_signature(view)}
+
+    # -- cells --------------------------------------------------------------------------
+    def execute(self, cell: Cell) -> dict[str, Any]:
+        """Compute ``cell``; returns its JSON-able result."""
+        spec = MethodSpec.parse(cell.method)
+        view = self.view(cell)
+        config = spec.config()
+        cfg = train_config_of(spec, self.config)
+        in_loop = get_method(spec.name).in_loop
+        store = None if in_loop else self.store(cell.task)
+        with Measure(self.config.device) as whole:
+            if cell.stage == "protocol":
+                result = run_protocol(spec.name, config, store, view, self.backbone, train_config=cfg,
+                                      grid=grid_of(spec, self.config, view), seeds=cell.seeds)
+            else:
+                train_changes, config_changes = split_point(cell.point_dict, config)
+                point_view = selection_view(view) if cell.stage == "grid" else view
+                seeds = (cfg.seed,) if cell.stage == "grid" else cell.seeds
+                result = run_protocol(spec.name, dataclasses.replace(config, **config_changes), store, point_view,
+                                      self.backbone, train_config=cfg.updated(**train_changes), seeds=seeds)
+        out: dict[str, Any] = {"cell_seconds": whole.seconds, "cell_peak_memory_mb": whole.peak_mb,
+                               "train_seconds": result.train_seconds, "peak_memory_mb": result.peak_memory_mb,
+                               "trainable_params": result.trainable_params}
+        if cell.stage == "grid":
+            out["val_accuracy"] = result.test_accuracies[0]
+            return out
+        out.update(self._final_summary(cell, spec, view, result, store))
+        return out
+
+    def _final_summary(self, cell: Cell, spec: MethodSpec, view: Task, result: MethodResult,
+                       store: ActivationStore | None) -> dict[str, Any]:
+        """Accuracies, selection and costs of a cell that tested final models."""
+        model = result.model
+        keys = model.tap_keys()
+        out: dict[str, Any] = {
+            "seeds": list(cell.seeds),
+            "test_accuracies": result.test_accuracies,
+            "grid": result.grid,
+            "selected": {"train_config": {k: v for k, v in result.train_config.to_dict().items() if k != "device"},
+                         "config": config_to_dict(result.config)},
+            "store_bytes_per_image": store.bytes_per_image_of(keys) if store is not None and keys else 0,
+        }
+        out.update(self._flops(spec, view, model, store))
+        layers = layer_analysis(model, view, store)
+        if layers:
+            out["layers"] = layers
+        return out
+
+    def _flops(self, spec: MethodSpec, view: Task, model: Method, store: ActivationStore | None) -> dict[str, Any]:
+        """Training-step and forward FLOPs per image of ``model`` on real examples, and (store
+        methods) the backbone FLOPs per image of extracting its taps once."""
+        items = view.split("trainval")[:FLOP_IMAGES]
+        paths, labels = [str(i.path) for i in items], [i.label for i in items]
+        if model.in_loop:
+            data: Any = ImageData.from_paths(paths, labels, view.num_classes, self.backbone)
+        else:
+            data = TapData.from_store(store, model.tap_keys(), paths, labels, view.num_classes)
+        device = self.config.device
+        batch, targets = next(iter(data.batches(len(items), device=device)))
+        forward, step = flops_per_image(model.to(device), batch, targets)
+        out = {"forward_gflops_per_image": forward / 1e9, "train_step_gflops_per_image": step / 1e9,
+               "extract_gflops_per_image": 0.0}
+        if not model.in_loop:
+            if spec.text not in self._extract_flops:
+                taps = get_method(spec.name).taps(model.config, model.backbone_info)
+                self._extract_flops[spec.text] = backbone_flops_per_image(self.backbone, taps, FLOP_IMAGES)
+            out["extract_gflops_per_image"] = self._extract_flops[spec.text] / 1e9
+        return out
+
+
+def layer_analysis(model: Method, view: Task, store: ActivationStore | None) -> dict[str, Any] | None:
+    """Which blocks matter, for InCA and VQT (None for other methods).
+
+    * InCA / Open-InCA: validation accuracy of each block's adapter, from the method's own
+      selection (on a held-out part of train+val in the final runs).
+    * VQT (concatenated summaries, read from the store): test accuracy of the final model
+      with one block's query outputs replaced by their mean over the test images (a mean
+      ablation: analysis only, nothing is selected with it), beside the intact accuracy.
+    """
+    if hasattr(model, "layer_accuracies") and model.layer_accuracies:
+        accuracies = model.layer_accuracies
+        return {"kind": "inca-selection", "source": "per-block adapter accuracy on the selection split",
+                "blocks": sorted(accuracies), "accuracy": [accuracies[b] for b in sorted(accuracies)]}
+    if model.name == "vqt" and store is not None and getattr(model.config, "aggregate", "") == "concat" \
+            and "test" in view.splits:
+        return vqt_ablation(model, split_data(store, view, "test", model.tap_keys()))
+    return None
+
+
+@torch.no_grad()
+def vqt_ablation(model: Method, data: TapData, batch_size: int = 64) -> dict[str, Any]:
+    """Test accuracy of a VQT model with each block's summaries mean-ablated (see :func:`layer_analysis`)."""
+    model.eval()
+    device = next(model.parameters()).device
+    features = torch.cat([model.features(batch, normed=False)
+                          for batch, _ in data.batches(batch_size, device=device)]).cpu()
+    labels = data.labels
+    dim, queries = int(model.backbone_info["dim"]), int(model.config.num_queries)
+    depth = (features.shape[1] - dim) // (dim * queries)
+
+    def accuracy(values: torch.Tensor) -> float:
+        logits = torch.cat([model.classify(chunk.to(device)).cpu() for chunk in values.split(batch_size)])
+        return float((logits.argmax(1) == labels).float().mean())
+
+    ablated = []
+    for block in range(depth):
+        start = dim + block * dim * queries
+        changed = features.clone()
+        changed[:, start:start + dim * queries] = features[:, start:start + dim * queries].mean(0)
+        ablated.append(accuracy(changed))
+    return {"kind": "vqt-ablation", "source": "test accuracy with one block's query outputs mean-ablated",
+            "blocks": list(range(depth)), "accuracy": ablated, "intact": accuracy(features)}
+
+
+def store_taps(config: BenchConfig, specs: list[MethodSpec], info: dict[str, Any]) -> list[Tap]:
+    """Union of the taps the store-trained methods among ``specs`` read (one extraction per task)."""
+    taps = {t for s in specs if not get_method(s.name).in_loop for t in get_method(s.name).taps(s.config(), info)}
+    return sorted(taps)
+
+
+def view_keys(config: BenchConfig) -> list[tuple[int | None, int | None, tuple[int, ...]]]:
+    """``(shots, draw, seeds)`` of every view: the VTAB splits with all seeds, or each few-shot
+    draw with its own seed."""
+    if config.protocol == "vtab":
+        return [(None, None, tuple(range(config.seeds)))]
+    return [(k, d, (d,)) for k in config.shots for d in range(config.seeds)]
+
+
+def select_point(grid_cells: list[tuple[Cell, dict[str, Any]]]) -> tuple[tuple[str, Any], ...]:
+    """The grid point with the highest val accuracy (ties: the first in grid order); () for none."""
+    best, best_acc = (), -1.0
+    for cell, result in grid_cells:
+        if result["val_accuracy"] > best_acc:
+            best, best_acc = cell.point, result["val_accuracy"]
+    return best
+
+
+def spec_paths(tasks: list[str | Path]) -> dict[str, str]:
+    """Task name -> folder, refusing two tasks with one name (they name the report's columns)."""
+    out: dict[str, str] = {}
+    for path in tasks:
+        name = Path(path).resolve().name
+        if name in out:
+            raise FrozenlensError(f"tasks {out[name]} and {path} have the same folder name {name!r}; the report "
+                                  "names tasks by folder, so give each task a distinct folder name")
+        out[name] = str(Path(path).resolve())
+    return out
