@@ -113,6 +113,9 @@ def run_protocol(
     shared_order = None if probe.in_loop else seeds[0]   # seeds trained together share one minibatch order
     cfgs = [result.train_config.updated(seed=seed, order_seed=shared_order) for seed in seeds]
     for group in ([[c] for c in cfgs] if probe.in_loop else [cfgs]):
+        if progress:
+            _log.info("%s: final run on train+val, seed%s %s%s", method, "s" * (len(group) > 1),
+                      "+".join(str(c.seed) for c in group), " together" if len(group) > 1 else "")
         models = [build_method(method, result.config, backbone, len(task.classes)) for _ in group]
         with Measure(group[0].device) as measured:
             type(models[0]).fit_many(models, data.get("trainval", models[0]), group, progress=progress)
@@ -240,6 +243,9 @@ def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str,
         groups.setdefault(f"{index}" if probe.in_loop else repr(config), []).append(index)
     accuracies: dict[int, float] = {}
     for members in groups.values():
+        if progress:
+            _log.info("%s: grid pass on train, %d configuration%s together, ranked on val", probe.name,
+                      len(members), "s" * (len(members) > 1))
         models = [build_method(probe.name, runs[i][1], probe.backbone_source(), probe.num_classes) for i in members]
         val = data.get("val", models[0])
         type(models[0]).fit_many(models, data.get("train", models[0]), [runs[i][0] for i in members], val=val,
