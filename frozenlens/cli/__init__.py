@@ -7,6 +7,7 @@
     frozenlens serve                                  # feature server                 cli/serve.py
     frozenlens pretune toast DATA... --out DIR        # TOAST's pre-tuning             cli/toast.py
     frozenlens explain runs/mytask/toast photo.jpg --out maps/
+    frozenlens bench --tasks DIR... --methods linear,lora --out runs/bench   # cli/bench.py
     frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
     frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
 
@@ -20,7 +21,7 @@ import logging
 import sys
 from typing import Sequence
 
-from frozenlens.cli import info, lm, predict, serve, toast, train
+from frozenlens.cli import bench, info, lm, predict, serve, toast, train
 from frozenlens.errors import FrozenlensError
 
 _DESCRIPTION = """\
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_parsers(sub)
     lm.add_parsers(sub)
     info.add_parsers(sub)
+    bench.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,166 @@
+"""``frozenlens bench``: end to end on a tiny task, resumable after SIGKILL, few-shot views, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from frozenlens.bench import BenchConfig, run_bench
+from frozenlens.bench.views import draw_shots, fewshot_view
+from frozenlens.cli.bench import split_methods
+from frozenlens.data import load_task
+from frozenlens.errors import FrozenlensError
+from tests.conftest import TINY_BACKBONE, make_vtab_task
+
+MEASURED = {"cell_seconds", "cell_peak_memory_mb", "train_seconds", "peak_memory_mb", "train_seconds_per_seed",
+            "grid_seconds", "bench_seconds_this_run"}
+"""Report keys that measure this run's machine (time, memory), not results."""
+
+
+def results_only(value):
+    """``value`` without the measured times and memory (what two runs of one bench share)."""
+    if isinstance(value, dict):
+        return {k: results_only(v) for k, v in value.items() if k not in MEASURED}
+    if isinstance(value, list):
+        return [results_only(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def bench_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes; 6 train, 3 val, 4 test images per class; 32 px."""
+    root = tmp_path_factory.mktemp("bench") / "colours"
+    root.mkdir()
+    return make_vtab_task(root, {"train": 6, "val": 3, "test": 4})
+
+
+def tiny(task: Path, out: Path, methods: list[str], **settings) -> BenchConfig:
+    settings = {"backbone": TINY_BACKBONE, "img_size": 32, "seeds": 1, "epochs": 2, "progress": False,
+                "grid": {"lr": [0.01, 0.001]}, **settings}
+    return BenchConfig([task], methods, out, **settings)
+
+
+def test_local_bench_end_to_end(bench_task, tmp_path):
+    """A store method and an in-loop method: report files, selection on val, costs, plots."""
+    report = run_bench(tiny(bench_task, tmp_path, ["linear", "bitfit"], seeds=2))
+    for name in ("report.md", "report.csv", "report.json", "accuracy_vs_params.png", "accuracy_vs_memory.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert [r["method"] for r in report.rows] == ["linear", "bitfit"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    for entry in data["entries"]:
+        assert len(entry["test_accuracies"]) == 2                       # two seeds, each tested once
+        best = max(entry["grid"], key=lambda g: g["val_accuracy"])       # chosen on val, first on ties
+        assert entry["selected"]["train_config"]["lr"] == best["lr"]
+        assert entry["trainable_params"] > 0 and entry["train_step_gflops_per_image"] > 0
+    linear, bitfit = report.rows
+    assert linear["store_bytes_per_image"] > 0 and linear["extract_gflops_per_image"] > 0
+    assert bitfit["store_bytes_per_image"] == 0 and bitfit["train_step_gflops_per_image"] > linear[
+        "train_step_gflops_per_image"]                                  # it runs the backbone every step
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [r["method"] for r in rows] == ["linear", "bitfit"]
+    assert float(rows[0]["colours acc mean"]) == pytest.approx(linear["tasks"]["colours"]["mean"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "never used to select" in markdown and "| linear |" in markdown
+    cells = sorted(p.name for p in (tmp_path / "cells").rglob("*.json"))
+    assert len(cells) == 1 + 2 + 2                                       # protocol; 2 grid points; 2 seeds
+
+
+def test_bench_reports_which_layers_matter(bench_task, tmp_path):
+    """InCA's per-block selection accuracies and VQT's per-block ablation reach the report and plot."""
+    report = run_bench(tiny(bench_task, tmp_path, ["inca:layers=1+2", "vqt"], epochs=1, grid={}))
+    kinds = {e["method"]: e["layers"]["kind"] for e in report.entries}
+    assert kinds == {"inca:layers=1+2": "inca-selection", "vqt": "vqt-ablation"}
+    vqt = next(e for e in report.entries if e["method"] == "vqt")["layers"]
+    assert len(vqt["blocks"]) == len(vqt["accuracy"]) == 12 and 0 <= vqt["intact"] <= 1
+    assert (tmp_path / "accuracy_per_layer.png").stat().st_size > 0
+    assert "Which blocks matter" in (tmp_path / "report.md").read_text()
+
+
+def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path):
+    """SIGKILL a bench mid-run; the rerun keeps every finished cell file untouched, computes the
+    rest, and its report equals an uninterrupted run's (times and memory aside)."""
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "frozenlens.cli", "bench", "--tasks", str(bench_task),
+               "--methods", "linear,bitfit", "--backbone", TINY_BACKBONE, "--img-size", "32", "--seeds", "2",
+               "--epochs", "4", "--grid", "lr=0.01+0.003+0.001", "--out", str(out), "--no-plots"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list(out.glob("cells/**/*.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the bench finished before it could be killed: " + process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("cells/**/*.json")}
+    assert 2 <= len(before) < 1 + 3 + 2 and not (out / "report.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(before)} cell(s) already finished" in resumed.stderr
+    for path, (content, mtime) in before.items():
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+    assert len(list(out.glob("cells/**/*.json"))) == 1 + 3 + 2
+
+    whole = run_bench(tiny(bench_task, tmp_path / "whole", ["linear", "bitfit"], seeds=2, epochs=4,
+                           grid={"lr": [0.01, 0.003, 0.001]}, plots=False))
+    assert results_only(json.loads((out / "report.json").read_text())) == results_only(whole.to_dict())
+
+
+def test_fewshot_views_draw_fixed_shots_and_hold_some_out(bench_task):
+    task = load_task(bench_task)
+    picked = draw_shots(task, 4, draw=1)
+    assert picked == draw_shots(task, 4, draw=1) != draw_shots(task, 4, draw=2)
+    labels = [task.split("trainval")[i].label for i in picked]
+    assert sorted(labels) == [0] * 4 + [1] * 4 + [2] * 4
+    view = fewshot_view(task, 4, draw=1)
+    assert len(view.split("trainval")) == 12 and len(view.split("val")) == 3 and len(view.split("train")) == 9
+    assert {i.path for i in view.split("val")} <= {i.path for i in view.split("trainval")}
+    assert view.split("test") == task.split("test")
+    assert "val" not in fewshot_view(task, 1, draw=0).splits           # one shot: nothing to hold out
+    with pytest.raises(FrozenlensError, match="fewer than 10 shots"):
+        draw_shots(task, 10, draw=0)
+
+
+def test_fewshot_bench_reports_each_number_of_shots(bench_task, tmp_path):
+    report = run_bench(tiny(bench_task, tmp_path, ["linear"], protocol="fewshot", shots=[1, 2], seeds=2))
+    assert len(report.entries) == 2 * 2                                 # shots x draws
+    one_shot = [e for e in report.entries if e["shots"] == 1]
+    assert all(e["grid"] == [] for e in one_shot)                       # defaults: no held-out shot
+    assert all(len(e["grid"]) == 2 for e in report.entries if e["shots"] == 2)
+    row = report.rows[0]["shots"]
+    assert set(row) == {"1", "2"} and row["2"]["tasks"]["colours"]["runs"] == 2
+    assert (tmp_path / "accuracy_vs_shots.png").stat().st_size > 0
+    assert "2-shot" in (tmp_path / "report.csv").read_text().splitlines()[0]
+
+
+def test_methods_argument_keeps_settings_with_their_method():
+    assert split_methods(["linear,head2toe:keep_fraction=0.2,group_lasso=1e-3,vqt", "lora"]) == [
+        "linear", "head2toe:keep_fraction=0.2,group_lasso=1e-3", "vqt", "lora"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"protocol": "vtab1k"}, "protocol 'vtab1k'"),
+    ({"engine": "spark"}, "engine 'spark'"),
+    ({"seeds": 0}, "seeds=0"),
+    ({"protocol": "fewshot", "shots": [0]}, "shots=\\[0\\]"),
+    ({"grid": {"lr": []}}, "grid="),
+])
+def test_bad_settings_are_refused_before_any_work(bench_task, tmp_path, change, message):
+    with pytest.raises(FrozenlensError, match=message):
+        run_bench(tiny(bench_task, tmp_path, ["linear"], **change))
+
+
+def test_two_tasks_with_one_name_are_refused(bench_task, tmp_path):
+    other = tmp_path / "elsewhere" / "colours"
+    other.mkdir(parents=True)
+    with pytest.raises(FrozenlensError, match="same folder name"):
+        run_bench(BenchConfig([bench_task, other], ["linear"], tmp_path / "out", backbone=TINY_BACKBONE))
