@@ -1,10 +1,18 @@
 """TOAST (Top-Down Attention Steering): everything TOAST in one place.
 
-``model`` holds the method (feature selection, feedback path, value-only
-injection, TOAST and TOAST-Lite); ``pretune`` pre-tunes the top-down modules on
-a general collection; ``explain`` draws the attention of pass 1 and pass 2.
+``core`` holds the architecture-independent pieces (feature selection, feedback
+layers, the variational loss); ``model`` the method on timm ViTs (TOAST and
+TOAST-Lite, used by ``frozenlens fit``); ``lm`` and ``lm_train`` TOAST on Hugging
+Face causal language models (``frozenlens toast-lm``; needs the ``[text]`` extra,
+imported only when used); ``convnext`` TOAST on timm ConvNeXts (Python API);
+``pretune`` pre-tunes the top-down modules on a general collection; ``explain``
+draws the attention of pass 1 and pass 2.
 """
 
-from frozenlens.methods.toast.model import TOAST, FeatureSelection, FeedbackPlan, TOASTConfig, TOASTLite
+from frozenlens.methods.toast.convnext import ConvNeXtTOAST
+from frozenlens.methods.toast.core import FeatureSelection, FeedbackLayer
+from frozenlens.methods.toast.lm import TOASTForCausalLM, TOASTLMConfig
+from frozenlens.methods.toast.model import TOAST, FeedbackPlan, TOASTConfig, TOASTLite
 
-__all__ = ["TOAST", "TOASTLite", "TOASTConfig", "FeatureSelection", "FeedbackPlan"]
+__all__ = ["TOAST", "TOASTLite", "TOASTConfig", "FeatureSelection", "FeedbackLayer", "FeedbackPlan",
+           "TOASTForCausalLM", "TOASTLMConfig", "ConvNeXtTOAST"]
