@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from frozenlens.errors import FrozenlensError
+from frozenlens.methods.mist import gather_depths_in, gather_key
 from frozenlens.serve.codecs import CODECS, decode_payload
 
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "int8": 1 / 127}
@@ -123,8 +124,8 @@ class LoadTest:
         """Read the server's info and each pool image's features alone, in float32 (the reference)."""
         with httpx.Client(base_url=self.url, headers=self.auth, timeout=self.timeout) as http:
             self.info = _ok(http.get("/v1/info")).json()
-            gathers = self.info["gather_k"]
-            self.feature = f"gather.{gathers[0]}:tokens" if gathers else next(iter(self.info["features"]))
+            gathers = gather_depths_in(self.info["features"])
+            self.feature = gather_key(gathers[0]) if gathers else next(iter(self.info["features"]))
             rows = []
             for image in self.pool:
                 response = _ok(http.post("/v1/features", json={"images": [_b64(image)],
@@ -135,7 +136,7 @@ class LoadTest:
     def bad_kinds(self) -> dict[str, tuple[int, Callable[[httpx.Client], httpx.Response]]]:
         """Each kind of bad request and the status it must get."""
         limits, good = self.info["limits"], _b64(self.pool[0])
-        unknown_k = next(k for k in range(1, 10_000) if k not in self.info["gather_k"])
+        unknown_k = next(k for k in range(1, 10_000) if gather_key(k) not in self.info["features"])
         side = int(limits["max_image_pixels"] ** 0.5) + 2
         return {
             "no token": (401, lambda h: h.post("/v1/features", json={"images": [good]},

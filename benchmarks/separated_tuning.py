@@ -59,6 +59,7 @@ from loadtest import LoadTest
 from frozenlens.backbones import DEFAULT_BACKBONE, Tap
 from frozenlens.data import Task
 from frozenlens.methods import build_method
+from frozenlens.methods.mist import gather_depths_in, gather_key
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.serve.client import RemoteTaps
 from frozenlens.serve.codecs import CODECS, decode_payload
@@ -110,7 +111,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class ServerProcess:
     """``frozenlens serve`` in a child process on a free loopback port; SIGTERM stops it gracefully."""
 
-    def __init__(self, backbone: str, img_size: int, token: str, gather_k: Sequence[int] | None = None,
+    def __init__(self, backbone: str, img_size: int, token: str, taps: Sequence[str] = (),
                  extra: Sequence[str] = ()):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -118,8 +119,8 @@ class ServerProcess:
         self.url, self.token = f"http://127.0.0.1:{self.port}", token
         command = [sys.executable, "-m", "frozenlens.cli", "serve", "--backbone", backbone, "--img-size",
                    str(img_size), "--port", str(self.port), "--token", token, *extra]
-        if gather_k:
-            command += ["--gather-k", ",".join(map(str, gather_k))]
+        for tap in taps:  # none: the server's defaults, MIST's candidate gathers among them
+            command += ["--tap", tap]
         self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody drains would stall the server when full
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                                         stdout=self.log, stderr=subprocess.STDOUT, text=True)
@@ -252,8 +253,8 @@ def accuracy_per_codec(args: argparse.Namespace, task: Task, work: Path, server:
     train800 = [p for p in train if p in {str(i.path) for i in task.split("train")}]
     val200 = [p for p in train if p in {str(i.path) for i in task.split("val")}]
     test = paths_of(task, "test", args.test)
-    ks = server.info()["gather_k"]
-    taps = [Tap(f"gather.{k}") for k in ks]
+    ks = gather_depths_in(server.info()["features"])
+    taps = [Tap.parse(gather_key(k)) for k in ks]
     print(f"accuracy: fetching g_k for k in {ks} of {len(train)} + {len(test)} images "
           f"({args.acc_img_size} px, float32)", flush=True)
     store, fetch_s = fetch(server, train + test, taps, work / "acc", "float32", "float32")
@@ -299,8 +300,8 @@ def served_parts(args: argparse.Namespace, task: Task, work: Path, server: Serve
     """Bytes, throughput, the load test and edge memory, against the server at ``--img-size``."""
     train, test = paths_of(task, "trainval", args.mem_train), paths_of(task, "test", args.predict_images)
     info = server.info()
-    k = info["gather_k"][-1]
-    key = f"gather.{k}:tokens"
+    k = gather_depths_in(info["features"])[-1]
+    key = gather_key(k)
     out: dict[str, Any] = {"img_size": args.img_size, "backbone": info["backbone"]["name"],
                            "weights_hash": info["backbone"]["weights_hash"]}
     print("bytes per image per codec", flush=True)
@@ -314,7 +315,7 @@ def served_parts(args: argparse.Namespace, task: Task, work: Path, server: Serve
     report = LoadTest(server.url, server.token, requests=args.load_requests, clients=8, bad_fraction=0.3).run()
     out["load_test"] = report.to_dict()
     print(f"edge memory: fetching {key} of {len(train)} training images (int8 on the wire)", flush=True)
-    store, fetch_s = fetch(server, train, [Tap(f"gather.{k}")], work / "edge", "int8", "float16")
+    store, fetch_s = fetch(server, train, [Tap.parse(key)], work / "edge", "int8", "float16")
     adapter = work / "edge-adapter"
     trained = [edge_process(["train", str(store.path), str(task.root), str(k), str(adapter), "--epochs",
                              str(args.mem_epochs), "--batch-size", str(batch), stream])

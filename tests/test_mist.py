@@ -18,6 +18,7 @@ from frozenlens.methods.mist import (
     LowRankAttentionBlock,
     gather,
     gather_candidates,
+    gather_depths_in,
     gather_key,
     gather_taps,
     gathered_data,
@@ -254,3 +255,17 @@ def test_precomputed_gather_trains_the_same_model_as_the_stored_blocks():
     from_blocks.fit(data, cfg)
     served.fit(gathered_data(data, 4), cfg)
     assert torch.equal(served({gather_key(4): gather(batch, 4)}), from_blocks(batch))
+
+
+def test_mist_owns_the_gather_site_and_offers_its_candidates_to_servers():
+    """``gather.<k>`` is registered by MIST (not the generic grammar) and served for k in {N/3, 2N/3, N}."""
+    from frozenlens.backbones.taps import Tap, method_sites
+    from frozenlens.methods import get_method
+    from frozenlens.methods.mist import GATHER_SITE
+
+    assert method_sites()["gather"] is GATHER_SITE and Tap.parse("gather.4:cls").method_site == (GATHER_SITE, 4)
+    assert GATHER_SITE.inputs(6, 2) == gather_taps(6, 2) and GATHER_SITE.combine is gather
+    served = get_method("mist").served_taps(BACKBONE)
+    assert [t.key for t in served] == [gather_key(k) for k in gather_candidates(BACKBONE["depth"])]
+    assert get_method("linear").served_taps(BACKBONE) == []
+    assert gather_depths_in(["final:cls", "gather.8:tokens", "gather.4:tokens", "gather.4:cls"]) == [4, 8]

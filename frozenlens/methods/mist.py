@@ -25,7 +25,7 @@ paper's, the measured costs, and where this differs from the papers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -106,6 +106,13 @@ GATHER_SITE = register_site(MethodSite(
 """The ``gather.<k>`` tap site: any tap key ``gather.<k>:<reduce>`` is MIST's g_k, computed in
 the backbone pass from :func:`gather_taps` by :func:`gather` (so stores, adapters and the feature
 server all name it ``gather.<k>:tokens``)."""
+
+
+def gather_depths_in(keys: Iterable[str]) -> list[int]:
+    """The k of every g_k (``gather.<k>:tokens``) among tap ``keys``, e.g. a feature server's
+    ``info()["features"]``, ascending."""
+    sites = [(tap.reduce, tap.method_site) for tap in map(Tap.parse, keys)]
+    return sorted(site[1] for reduce, site in sites if reduce == "tokens" and site and site[0] is GATHER_SITE)
 
 
 def gathered_data(data: TapData, k: int, chunk: int = 128) -> TapData:
