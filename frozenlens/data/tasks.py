@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from frozenlens.data.images import IMAGE_EXTENSIONS, is_image_file
+from frozenlens.data.split import stratified_indices
 from frozenlens.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -545,27 +544,10 @@ def stratified_split(
 ) -> tuple[list[ImageItem], list[ImageItem]]:
     """Deterministic per-class split of ``items`` into ``(train, val)``, both in input order.
 
-    For each class in label order, one shared ``numpy.random.RandomState(seed)`` permutes the
-    class's items and the first ``round(val_fraction * n)`` go to val (at least 1 and at most
-    ``n - 1`` when ``n >= 2``; a class with one image stays in train).
+    The one stratified split, :func:`frozenlens.data.split.stratified_indices`: for each class
+    in label order, one shared ``numpy.random.RandomState(seed)`` permutes the class's items
+    and the first ``round(val_fraction * n)`` go to val (at least 1 and at most ``n - 1``
+    when ``n >= 2``; a class with one image stays in train).
     """
-    rng = np.random.RandomState(seed)
-    by_class: dict[int, list[int]] = {}
-    for index, item in enumerate(items):
-        by_class.setdefault(item.label, []).append(index)
-    val_indices: set[int] = set()
-    for label in sorted(by_class):
-        indices = by_class[label]
-        n_val = _n_val(len(indices), val_fraction)
-        perm = rng.permutation(len(indices))
-        val_indices.update(indices[int(i)] for i in perm[:n_val])
-    train = [item for i, item in enumerate(items) if i not in val_indices]
-    val = [item for i, item in enumerate(items) if i in val_indices]
-    return train, val
-
-
-def _n_val(n: int, val_fraction: float) -> int:
-    """Validation count for a class of ``n`` items (round half up, clamped to 1..n-1)."""
-    if n < 2:
-        return 0
-    return min(max(int(np.floor(n * val_fraction + 0.5)), 1), n - 1)
+    kept, held = stratified_indices([item.label for item in items], val_fraction, seed)
+    return [items[i] for i in kept], [items[i] for i in held]
