@@ -45,7 +45,7 @@ def test_loads_offline_frozen_with_its_facts(minilm):
     info = minilm.describe()
     assert info["modality"] == "text" and info["arch"] == "bert:BertModel"
     assert len(info["weights_hash"]) == 64 and len(info["tokenizer_hash"]) == 64
-    assert not hasattr(minilm.model, "pooler") or minilm.model.pooler is None  # unused weights dropped
+    assert getattr(minilm.model, "pooler", None) is None  # unused weights dropped
 
 
 def test_mean_pooled_embeddings_match_the_packages_own(minilm):
@@ -118,10 +118,9 @@ def test_padding_changes_no_real_token_and_no_pooled_feature(minilm):
 def test_mist_gather_is_the_zero_padded_sum_of_its_sites(minilm):
     from frozenlens.backbones.text import MASK_KEY
 
-    try:
-        gather = Tap("gather.3", "tokens")
-    except FrozenlensError:
-        pytest.skip("this version of frozenlens names no gather.<k> tap site")
+    if not hasattr(Tap, "method_site"):
+        pytest.skip("this version of frozenlens has no method-defined tap sites (MIST's gather.<k>)")
+    gather = Tap("gather.3", "tokens")
     sites = [Tap("embed", "tokens"), Tap("block.0", "tokens"), Tap("block.1", "tokens"), Tap("block.2", "tokens")]
     with torch.no_grad():
         out = minilm.forward_taps(TEXTS, [gather, *sites])
