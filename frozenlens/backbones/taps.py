@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from frozenlens.errors import FrozenlensError
 
 _SITE = re.compile(r"^(embed|final|block\.(\d+))$")
-_METHOD_SITE = re.compile(r"^([a-z][a-z0-9_]*)\.([1-9]\d*)$")
+_METHOD_SITE = re.compile(r"^([a-z][a-z0-9_]*)\.([1-9]\d{0,8})$")  # k >= 1, never a 5000-digit int()
 _REDUCE = re.compile(r"^(tokens|cls|prefix|patch_mean|pool(\d+))$")
 GENERIC_SITES = ("embed", "block.<i>", "final")
 """Sites every backbone has; methods add their own with :func:`register_site`."""
@@ -76,7 +76,8 @@ _METHOD_SITES: dict[str, MethodSite] = {}
 def register_site(site: MethodSite) -> MethodSite:
     """Add a method-defined site; its prefix may not be a generic site's name or another method's."""
     clash = _METHOD_SITES.get(site.prefix)
-    if site.prefix in ("embed", "block", "final") or (clash is not None and clash.method != site.method):
+    generic = {name.split(".")[0] for name in GENERIC_SITES}
+    if site.prefix in generic or (clash is not None and clash.method != site.method):
         raise FrozenlensError(f"tap site prefix {site.prefix!r} is taken; choose another for {site.method}")
     _METHOD_SITES[site.prefix] = site
     return site
