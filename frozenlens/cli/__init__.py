@@ -9,7 +9,6 @@
     frozenlens explain runs/mytask/toast photo.jpg --out maps/
     frozenlens bench --tasks DIR... --methods linear,lora --out runs/bench   # cli/bench.py
     frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
-    frozenlens toast-lm train data.jsonl --model ./llama --out runs/lm   # TOAST on a causal LM  cli/lm.py
 
 The built-in demo is ``make demo`` (``python -m examples.demo``), outside the library.
 """
@@ -57,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_parsers(sub)
     serve.add_parsers(sub)
     toast.add_parsers(sub)
-    lm.add_parsers(sub)
     lm.add_parsers(sub)
     info.add_parsers(sub)
     bench.add_parsers(sub)
