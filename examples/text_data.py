@@ -322,7 +322,12 @@ def probe(task_dir: Path, seeds: tuple[int, ...] = (0, 1, 2), backbone_name: str
         labels = torch.tensor([i.label for i in items])
         return TapData({k: torch.cat(v) for k, v in chunks.items()}, labels, task.num_classes)
 
-    data = {split: features(split) for split in ("train", "val", "trainval", "test")}
+    data = {split: features(split) for split in ("train", "val", "test")}
+    data["trainval"] = TapData({k: torch.cat([data["train"].features[k], data["val"].features[k]])
+                                for k in data["train"].features},
+                               torch.cat([data["train"].labels, data["val"].labels]), task.num_classes)
+    if [i.key for i in task.split("trainval")] != [i.key for i in task.split("train") + task.split("val")]:
+        raise DataError(f"{task_dir}: train800val200 is not train800 followed by val200")
     records = []
     for label, keys in (("cls", ["final:cls"]), ("mean", ["final:patch_mean"]),
                         ("cls+mean", ["final:cls", "final:patch_mean"])):
