@@ -1,7 +1,9 @@
 """Optional dependencies: import them where a feature needs them, naming the extra when missing.
 
 ``onnx`` (extra ``[onnx]``) converts the offline default backbone; ``matplotlib``
-(extra ``[plots]``) draws ``frozenlens explain``. Everything else runs without them.
+(extra ``[plots]``) draws ``frozenlens explain`` and the bench plots; ``transformers``
+(extra ``[text]``) loads text encoders and causal LMs; ``ray`` (extra ``[ray]``) runs
+``frozenlens serve --ray`` and ``bench --engine ray``. Everything else runs without them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from types import ModuleType
 
 from frozenlens.errors import FrozenlensError
 
-EXTRAS = {"onnx": "onnx", "matplotlib": "plots"}
+EXTRAS = {"onnx": "onnx", "matplotlib": "plots", "transformers": "text", "ray": "ray"}
 """Top-level module -> the frozenlens extra that installs it (pyproject.toml)."""
 
 
