@@ -81,6 +81,7 @@ from torch import nn
 from frozenlens.backbones.base import state_dict_sha256
 from frozenlens.backbones.taps import Tap, check_taps
 from frozenlens.errors import BackboneError, FrozenlensError
+from frozenlens.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -372,10 +373,7 @@ def load_text_backbone(name: str = MINILM_BACKBONE, *, device: str | torch.devic
         BackboneError: ``transformers`` is missing, the weights cannot be found offline,
             the model is not an encoder, or ``max_length`` exceeds what it supports.
     """
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise BackboneError(f"text backbone {name!r} needs transformers; {_INSTALL_HINT}") from None
+    require("transformers", f"text backbone {name!r}", error=BackboneError)
     if name == MINILM_BACKBONE:
         folder = minilm_model_dir()
         model, tokenizer = _from_pretrained(str(folder), local_only=True, name=name)
