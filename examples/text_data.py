@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     path = build_wordnet_task(args.out, args.n_test, args.wordnet_dir)
     logger.info("task: %s", path)
     if args.probe:
-        logger.info("| features | test acc (mean ± std, %%) | val acc | lr | wd | epochs |")
+        logger.info("| features | test acc (mean ± std, %) | val acc | lr | wd | epochs |")
         logger.info("|---|---|---|---|---|---|")
         for r in probe(path):
             logger.info("| %s | %.2f ± %.2f | %.2f | %g | %g | %d |", r["features"], 100 * r["test_mean"],

@@ -106,6 +106,17 @@ def test_padding_changes_no_real_token_and_no_pooled_feature(minilm):
                 batched = batched[:n]
             torch.testing.assert_close(batched, value, atol=1e-4, rtol=1e-4, msg=f"{tap.key} of text {i}")
 
+    # Padding every text to one fixed length (as a store would) changes nothing either.
+    fixed = minilm.tokenize(TEXTS, pad_to=100)
+    assert fixed["input_ids"].shape == (4, 100)
+    assert minilm.token_lengths(TEXTS) == fixed["attention_mask"].sum(1).tolist()
+    with torch.no_grad():
+        wide = minilm.forward_taps(fixed, TAPS)
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(wide["final:patch_mean"][i], single["final:patch_mean"][0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(BackboneError, match="more than pad_to=5"):
+        minilm.tokenize(TEXTS, pad_to=5)
+
     # The check can fail: the same padded batch run WITHOUT its mask moves the real tokens.
     batch = minilm.tokenize(TEXTS + [LONG])
     batch["attention_mask"] = torch.ones_like(batch["attention_mask"])

@@ -231,19 +231,38 @@ class TextBackbone(nn.Module):
         return super().train(False)
 
     # -- input ----------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenize ``texts`` into one right-padded batch (truncated to :attr:`max_length`).
 
+        Args:
+            texts: the texts.
+            pad_to: pad to this many positions instead of the batch's longest text (a store
+                with one fixed token length); at most :attr:`max_length`.
+
         Raises:
-            BackboneError: an element is not a string.
+            BackboneError: an element is not a string, or a text is longer than ``pad_to``.
         """
         texts = list(texts)
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise BackboneError(f"text #{index} is a {type(text).__name__}, not a string")
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+        if pad_to is not None and not 1 <= pad_to <= self.max_length:
+            raise BackboneError(f"pad_to={pad_to!r}: use 1 to {self.max_length} (the truncation length)")
+        padding: str | bool = "max_length" if pad_to is not None else True
+        encoded = self.tokenizer(texts, padding=padding, truncation=True, max_length=pad_to or self.max_length,
                                  return_tensors="pt")
+        if pad_to is not None:
+            lengths = self.token_lengths(texts)
+            if max(lengths, default=0) > pad_to:
+                index = max(range(len(texts)), key=lengths.__getitem__)
+                raise BackboneError(f"text #{index} has {lengths[index]} tokens, more than pad_to={pad_to}")
         return {key: value for key, value in encoded.items()}
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text, special tokens included, after truncation to :attr:`max_length`
+        (what a store needs to choose one padded length for all its examples)."""
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def _inputs(self, batch: Sequence[str] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if isinstance(batch, str):
