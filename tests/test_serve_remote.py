@@ -89,8 +89,9 @@ def server(tiny_backbone):
         yield live
 
 
-def _images(task: Path) -> list[str]:
-    return [str(i.path) for i in load_task(task).all_images()]
+def _images(task: Path, split: str | None = None) -> list[str]:
+    loaded = load_task(task)
+    return [str(i.path) for i in (loaded.split(split) if split else loaded.all_images())]
 
 
 def test_remote_fit_then_predict_matches_the_local_path(server, tiny_task, tiny_backbone, tmp_path, capsys):
@@ -103,13 +104,14 @@ def test_remote_fit_then_predict_matches_the_local_path(server, tiny_task, tiny_
     assert results["context"]["weights_hash"] == tiny_backbone.weights_hash
     assert results["results"][0]["test_accuracy_mean"] > 0.6
 
-    remote_store = Path(results["context"]["store"])
-    local = extract(tiny_backbone, _images(tiny_task), [Tap("final", "cls")], root=tmp_path / "local",
-                    dtype="float32", progress=False)
-    assert remote_store != local.path  # remote features never mix with local ones
     from frozenlens.store import ActivationStore
 
-    fetched = ActivationStore(remote_store)
+    remote_store = Path(results["context"]["store"])
+    fetched = ActivationStore(remote_store)  # the training images; the test split is scored, never stored
+    assert sorted(fetched.image_paths) == sorted(_images(tiny_task, "trainval"))
+    local = extract(tiny_backbone, fetched.image_paths, [Tap("final", "cls")], root=tmp_path / "local",
+                    dtype="float32", progress=False)
+    assert remote_store != local.path  # remote features never mix with local ones
     assert fetched.meta["origin"] == "remote:float32" and fetched.meta["shard_size"] == 32
     np.testing.assert_allclose(fetched.array("final:cls"), local.array("final:cls"), atol=1e-5)
 
@@ -137,8 +139,8 @@ def test_mist_on_the_edge_fetches_only_the_gathers_and_predicts_through_the_serv
 
     store = ActivationStore(Path(results["context"]["store"]))
     assert store.taps == ["gather.12:tokens", "gather.4:tokens", "gather.8:tokens"]  # not 13 block maps
-    assert store.meta["origin"] == "remote:int8" and store.num_images == 81
-    assert server.state.images_served - served_before == 81  # every image fetched once
+    assert store.meta["origin"] == "remote:int8" and store.num_images == len(_images(tiny_task, "trainval"))
+    assert server.state.images_served - served_before == 81  # every image fetched once (test: scored, not stored)
     adapter = json.loads((adapter_folder(out, "mist:lae_blocks=1,epochs=3") / "adapter.json").read_text())
     chosen = adapter["config"]["gather_depth"]
     assert adapter["config"]["gathered"] is True and chosen in (4, 8, 12)
