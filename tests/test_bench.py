@@ -22,7 +22,7 @@ from frozenlens.bench.views import draw_shots, fewshot_view
 from frozenlens.cli.bench import split_methods
 from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
-from tests.conftest import TINY_BACKBONE, make_vtab_task
+from tests.conftest import TINY_BACKBONE, make_vtab_task, skip_or_fail_in_ci
 
 MEASURED = {"cell_seconds", "cell_peak_memory_mb", "train_seconds", "peak_memory_mb", "train_seconds_per_seed",
             "grid_seconds", "bench_seconds_this_run"}
@@ -137,6 +137,28 @@ def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterr
     assert len(list(out.glob("cells/**/*.json"))) == 1 + 2 + 2
     whole = json.loads((uninterrupted[1] / "report.json").read_text())
     assert results_only(json.loads((out / "report.json").read_text())) == results_only(whole)
+
+
+def test_ray_engine_matches_the_local_engine(bench_task, tmp_path, uninterrupted, monkeypatch):
+    """The same bench on a local Ray cluster (2 CPUs): a Ray Data pipeline fills a store byte-identical
+    to the local extraction's (same key), cells run as Ray tasks, and the report equals the local one."""
+    pytest.importorskip("ray")
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        skip_or_fail_in_ci(f"Ray Data is not installed ({err}); install frozenlens[ray] with ray[data]")
+    local_cache = Path(os.environ["FROZENLENS_CACHE"])
+    monkeypatch.setenv("FROZENLENS_CACHE", str(tmp_path / "cache"))   # extract again, on Ray
+    report = run_bench(tiny(bench_task, tmp_path / "out", ["linear", "bitfit"], engine="ray", ray_num_cpus=2,
+                            plots=False, **RESUMED))
+    ours, theirs = results_only(report.to_dict()), results_only(json.loads((uninterrupted[1] / "report.json")
+                                                                           .read_text()))
+    assert ours["context"].pop("engine") == "ray" and theirs["context"].pop("engine") == "local"
+    assert ours == theirs
+    (store,) = (tmp_path / "cache" / "stores").iterdir()
+    shards = sorted(p.relative_to(store) for p in store.rglob("*.npy"))
+    assert shards and all((store / p).read_bytes() == (local_cache / "stores" / store.name / p).read_bytes()
+                          for p in shards)
 
 
 def test_fewshot_views_draw_fixed_shots_and_hold_some_out(bench_task):
