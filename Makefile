@@ -8,12 +8,12 @@ STAMP    = $(VENV)/.frozenlens-installed
 TESTSTAMP = $(VENV)/.frozenlens-test-installed
 FMNIST   = /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install install-test fashion-mnist clean
+.PHONY: demo test install install-test fashion-mnist wordnet clean
 
 demo: install fashion-mnist
 	$(VENV)/bin/python -m examples.demo
 
-test: install-test fashion-mnist
+test: install-test fashion-mnist wordnet
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
@@ -49,6 +49,18 @@ fashion-mnist:
 	    ( $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ) ) \
 	  && echo "installed dataset-fashion-mnist" \
 	  || echo "note: could not apt-get install dataset-fashion-mnist; the demo will try torchvision's download"; \
+	fi
+
+# The text tests' real task (WordNet noun glosses by supersense, examples/text_data.py): the
+# Debian package wordnet-base (best effort; without it the builder tries apt-get download).
+WORDNET = /usr/share/wordnet
+wordnet:
+	@if [ ! -d $(WORDNET) ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	    ( $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q wordnet-base >/dev/null 2>&1 ) ) \
+	  && echo "installed wordnet-base" \
+	  || echo "note: could not apt-get install wordnet-base; the text tests will try apt-get download"; \
 	fi
 
 clean:
