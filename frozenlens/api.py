@@ -16,7 +16,7 @@ from typing import Any, Collection, Sequence
 import torch
 
 from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
-from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, check_device, load_backbone
+from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, TextBackbone, check_device, load_backbone
 from frozenlens.backbones.taps import check_taps
 from frozenlens.data import Task, load_task
 from frozenlens.errors import ConfigError, FrozenlensError
@@ -265,6 +265,10 @@ def fit(
     check_device(device)
     net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
+    if isinstance(net, TextBackbone):
+        raise FrozenlensError(f"backbone {net.name!r} is a text encoder: fit trains on image tasks for now "
+                              "(text tasks in the store are not built yet). Read text features with "
+                              "TextBackbone.forward_taps; `python -m examples.text_data --probe` shows a linear probe")
     remote = not isinstance(net, FrozenBackbone)
     if remote:
         _check_remote(specs)

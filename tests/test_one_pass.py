@@ -13,7 +13,7 @@ from frozenlens.api import fit, training_images
 from frozenlens.backbones import Tap
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import load_task
-from frozenlens.errors import StoreError
+from frozenlens.errors import FrozenlensError, StoreError
 from frozenlens.protocol import split_data
 from frozenlens.store import extract, token_maps
 from frozenlens.store import store as store_module
@@ -116,3 +116,11 @@ def test_the_disk_room_is_checked_before_the_pass_and_needed_stores_less(tiny_ta
     report = fit(task, ["linear:epochs=2"], backbone=tiny_backbone, progress=False, store_taps="needed")
     assert report.store.taps == ["final:cls"]
     assert len(report.records[0]["test_accuracies"]) == 1
+
+
+def test_fit_refuses_a_text_encoder_on_an_image_task_before_any_work(tiny_task):
+    from frozenlens.backbones import load_backbone
+
+    pytest.importorskip("transformers")
+    with pytest.raises(FrozenlensError, match="is a text encoder"):
+        fit(tiny_task, ["linear"], backbone=load_backbone("all-minilm-l6-v2"), progress=False)

@@ -19,7 +19,12 @@ import torch
 
 from frozenlens.backbones.base import FrozenBackbone, state_dict_sha256
 from frozenlens.backbones.taps import Tap, block_tap
-from frozenlens.backbones.text import TextBackbone, is_text_backbone_name, load_text_backbone
+from frozenlens.backbones.text import (
+    OFFLINE_TEXT_BACKBONES,
+    TextBackbone,
+    is_text_backbone_name,
+    load_text_backbone,
+)
 from frozenlens.errors import BackboneError
 from frozenlens.paths import cache_dir
 
@@ -167,7 +172,7 @@ def _model_patch_size(model: torch.nn.Module) -> int | None:
 
 def list_backbones() -> dict[str, Any]:
     """What can be loaded: offline names, and suggested timm names that need a hub."""
-    return {"offline": dict(OFFLINE_BACKBONES), "hub": list(SUGGESTED_HUB_BACKBONES)}
+    return {"offline": {**OFFLINE_BACKBONES, **OFFLINE_TEXT_BACKBONES}, "hub": list(SUGGESTED_HUB_BACKBONES)}
 
 
 def _create(arch: str, img_size: int | None, **kwargs: Any) -> torch.nn.Module:
