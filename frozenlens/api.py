@@ -263,7 +263,7 @@ def fit(
     if out:
         _check_out(Path(out), specs)
     check_device(device)
-    net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else load_backbone(
+    net = backbone if isinstance(backbone, (FrozenBackbone, TapSource, TextBackbone)) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
     if isinstance(net, TextBackbone):
         raise FrozenlensError(f"backbone {net.name!r} is a text encoder: fit trains on image tasks for now "
