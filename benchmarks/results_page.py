@@ -1,0 +1,223 @@
+"""docs/results.md, regenerated from real bench runs by one command.
+
+Two benches (``frozenlens.bench``, VTAB-1k protocol) on the real tasks cifar10 and aid
+(``../shared/data``) and the Fashion-MNIST task the demo builds:
+
+* store methods (linear, head2toe, vqt, inca, mist, last) at 224 px;
+* in-loop methods (toast, toast-lite, full, partial, bitfit, lora, vpt-deep, adaptformer,
+  vqt+vpt, vqt+adaptformer) at 56 px on CPU.
+
+The full recipe (each method's own epochs and grid, 3 seeds) takes many CPU hours:
+
+    FROZENLENS_CACHE=/tmp/flcache .venv/bin/python benchmarks/results_page.py
+
+Any setting that departs from it (``--epochs``, ``--seeds``, ``--grid``, ``--store-img-size``,
+fewer methods or tasks) makes the page say SHORTENED at the top and beside every table, e.g.
+
+    .venv/bin/python benchmarks/results_page.py --epochs 2 --seeds 1 --grid lr=0.01+0.001 \\
+        --store-img-size 56 --store-methods linear,head2toe,mist --loop-methods bitfit,lora,full,toast
+
+Cells are saved as they finish under ``benchmarks/results/bench/{store,inloop}/``: an interrupted
+run continues where it stopped. ``--page-only`` rewrites the page from the reports there.
+Every number on the page is read from those reports; papers' numbers stand beside ours,
+labelled with their own backbone and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, RESULTS, command_line, machine_context, machine_line  # noqa: E402
+
+from frozenlens.bench import BenchConfig, run_bench  # noqa: E402
+from frozenlens.bench.report import BenchReport, table  # noqa: E402
+from frozenlens.cli.bench import _grid  # noqa: E402
+
+STORE_METHODS = ["linear", "head2toe", "vqt", "inca", "mist", "last"]
+LOOP_METHODS = ["toast", "toast-lite", "full", "partial", "bitfit", "lora", "vpt-deep", "adaptformer", "vqt+vpt",
+                "vqt+adaptformer"]
+FULL = {"store_img_size": 224, "loop_img_size": 56, "seeds": 3, "epochs": None, "grid": None}
+PAGE = REPO_ROOT / "docs" / "results.md"
+BENCH = RESULTS / "bench"
+
+CLAIMS = [
+    # paper, claim, (better, worse) methods, the paper's numbers and setting
+    ("MIST", "MIST (the gathered features g_k and a low-rank edge network) is far more accurate than a linear "
+             "probe", ("mist", "linear"), "store",
+     "VTAB-1k mean over 19 tasks, ViT-B/16 (ImageNet-21k): MIST 76.7 vs linear probing 57.6 (MIST Table 1)"),
+    ("MIST", "MIST is at least as accurate as LAST, the side network fed with every block",
+     ("mist", "last"), "store",
+     "VTAB-1k mean, ViT-B/16: MIST 76.7 vs LAST 76.5, with 0.38 M vs 0.66 M trainable parameters (MIST Table 1)"),
+    ("VQT", "VQT's query summaries of every layer beat linear probing", ("vqt", "linear"), "store",
+     "VTAB-1k overall mean, ViT-B/16 (ImageNet-1k): VQT 65.3 vs linear probing 52.7 (VQT Table 1)"),
+    ("VQT", "VQT beats Head2Toe (pooled intermediate features)", ("vqt", "head2toe"), "store",
+     "VTAB-1k overall mean, ViT-B/16 (ImageNet-1k): VQT 65.3 vs Head2Toe 62.3 (VQT Table 1)"),
+    ("VQT", "VQT on top of VPT improves VPT", ("vqt+vpt", "vpt-deep"), "inloop",
+     "VTAB-1k Natural/Specialized/Structured, first backbone block of VQT's compatibility table: "
+     "VPT 80.4/84.9/50.9 vs VPT+VQT 81.5/86.3/57.2"),
+    ("VQT", "VQT on top of AdaptFormer improves AdaptFormer", ("vqt+adaptformer", "adaptformer"), "inloop",
+     "same table: AdaptFormer 82.6/85.1/60.9 vs AdaptFormer+VQT 82.1/85.8/62.6"),
+    ("TOAST", "TOAST beats full fine-tuning", ("toast", "full"), "inloop",
+     "FGVC mean (5 fine-grained tasks), ViT-B/16: TOAST 86.2 vs full fine-tuning 81.1 (TOAST abstract)"),
+    ("TOAST", "TOAST-Lite, tuning about as many parameters as LoRA, is more accurate than LoRA",
+     ("toast-lite", "lora"), "inloop", "FGVC and VTAB, ViT-B/16 (TOAST Sec. 1; per-task tables in the paper)"),
+    ("InCA", "a single top-scoring InCA adapter performs comparably to full fine-tuning", ("inca", "full"), None,
+     "11 downstream tasks, ViT-L/16: within 0.2% of full fine-tuning (InCA abstract)"),
+]
+"""Claims checked on this page. ``None`` as the bench: the two methods run at different resolutions
+here (InCA from the store at 224 px, full fine-tuning in the loop at 56 px), so the page shows both
+numbers and says the comparison is not like for like."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--store-methods", default=",".join(STORE_METHODS))
+    parser.add_argument("--loop-methods", default=",".join(LOOP_METHODS))
+    parser.add_argument("--tasks", nargs="+", help="task folders (default: ../shared/data/{cifar10,aid} and the "
+                                                   "demo's Fashion-MNIST task, built if needed)")
+    parser.add_argument("--store-img-size", type=int, default=FULL["store_img_size"])
+    parser.add_argument("--loop-img-size", type=int, default=FULL["loop_img_size"])
+    parser.add_argument("--seeds", type=int, default=FULL["seeds"])
+    parser.add_argument("--epochs", type=int, help="override every method's epochs (shortened)")
+    parser.add_argument("--grid", type=_grid, help="one grid for every method, e.g. lr=0.01+0.001 (shortened)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--page-only", action="store_true", help="rewrite the page from the finished reports")
+    return parser.parse_args(argv)
+
+
+def default_tasks() -> list[Path]:
+    sys.path.insert(0, str(REPO_ROOT))                   # examples/ is not part of the installed package
+    from examples.fashion_mnist import build_fashion_mnist_task
+    from frozenlens.paths import cache_dir
+
+    shared = REPO_ROOT.parent / "shared" / "data"
+    fashion = build_fashion_mnist_task(cache_dir() / "data" / "fashion-mnist-vtab-1000", n_test=1000)
+    return [shared / "cifar10", shared / "aid", fashion]
+
+
+def shortened(args: argparse.Namespace, tasks: list[Path]) -> list[str]:
+    """How this run departs from the full recipe (empty: the full recipe)."""
+    notes = []
+    if args.epochs is not None:
+        notes.append(f"epochs={args.epochs} for every method (full: each method's own)")
+    if args.grid is not None:
+        notes.append(f"grid={args.grid} for every method (full: each method's own)")
+    if args.seeds != FULL["seeds"]:
+        notes.append(f"seeds={args.seeds} (full: 3)")
+    if args.store_img_size != FULL["store_img_size"]:
+        notes.append(f"store methods at {args.store_img_size} px (full: 224)")
+    if args.loop_img_size != FULL["loop_img_size"]:
+        notes.append(f"in-loop methods at {args.loop_img_size} px (full: 56)")
+    for kind, given, full in (("store", args.store_methods, STORE_METHODS), ("in-loop", args.loop_methods,
+                                                                             LOOP_METHODS)):
+        missing = [m for m in full if m not in given.split(",")]
+        if missing:
+            notes.append(f"{kind} methods not run: {', '.join(missing)}")
+    if len(tasks) < 3:
+        notes.append(f"tasks: {', '.join(t.name for t in tasks)} only")
+    return notes
+
+
+def run(args: argparse.Namespace, tasks: list[Path], notes: list[str]) -> None:
+    for kind, methods, size in (("store", args.store_methods, args.store_img_size),
+                                ("inloop", args.loop_methods, args.loop_img_size)):
+        if not methods:
+            continue
+        config = BenchConfig(tasks, methods.split(","), BENCH / kind, img_size=size, seeds=args.seeds,
+                             epochs=args.epochs, grid=args.grid, device=args.device,
+                             extra={"recipe": "shortened: " + "; ".join(notes) if notes else "full"})
+        run_bench(config)
+
+
+def load(kind: str) -> BenchReport | None:
+    path = BENCH / kind / "report.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return BenchReport(data["context"], data["entries"], data["rows"])
+
+
+def recipe(report: BenchReport) -> str:
+    ctx = report.context
+    epochs = ", ".join(f"{r['method']} {'/'.join(map(str, r['epochs']))}" for r in report.rows)
+    grid = ctx["grid"] if isinstance(ctx["grid"], str) else json.dumps(ctx["grid"])
+    label = ctx.get("extra", {}).get("recipe", "full")
+    return (f"{ctx['backbone']} at {ctx['image_size']} px, VTAB-1k protocol, seeds {ctx['seeds']}, grid: {grid}; "
+            f"epochs: {epochs}. Recipe: **{label}**")
+
+
+def verdict(claim: tuple, reports: dict[str, BenchReport | None]) -> tuple[str, str]:
+    """(our numbers, holds / does not hold / not checked) for one claim."""
+    _, _, (better, worse), kind, _ = claim
+    rows = {r["method"]: (r, key) for key, rep in reports.items() if rep for r in rep.rows}
+    if better not in rows or worse not in rows:
+        missing = [m for m in (better, worse) if m not in rows]
+        return "—", f"not checked ({', '.join(missing)} not run)"
+    (a, ka), (b, kb) = rows[better], rows[worse]
+    sizes = {k: reports[k].context["image_size"] for k in (ka, kb)}
+    ours = (f"{better} {100 * a['group_mean']:.2f} ({sizes[ka]} px, {a['trainable_params']:,} params) vs {worse} "
+            f"{100 * b['group_mean']:.2f} ({sizes[kb]} px, {b['trainable_params']:,} params), mean over "
+            f"{', '.join(reports[ka].context['tasks'])}")
+    if kind is None or sizes[ka] != sizes[kb]:
+        return ours, "not comparable here (different resolutions / training regimes)"
+    return ours, "**holds**" if a["group_mean"] > b["group_mean"] else "**does not hold**"
+
+
+def page(reports: dict[str, BenchReport | None], command: str) -> str:
+    labels = {r.context.get("extra", {}).get("recipe", "full") for r in reports.values() if r}
+    short = any(label != "full" for label in labels)
+    lines = ["# Results", "",
+             "Generated by `benchmarks/results_page.py` from real runs of `frozenlens bench`; do not edit by hand.",
+             f"Command: `{command}`.", machine_line(machine_context()), ""]
+    if short:
+        lines += ["> **SHORTENED RUN.** These numbers come from a shortened recipe (below), not the full one "
+                  "(each method's own epochs and grid, 3 seeds, store methods at 224 px); they are not the "
+                  "methods' converged accuracies.", ""]
+    titles = {"store": "Methods that train from the activation store", "inloop": "Methods that run the backbone "
+                                                                                  "in the training loop"}
+    for kind, report in reports.items():
+        if report is None:
+            continue
+        header, body = table(report)
+        lines += [f"## {titles[kind]}", "", recipe(report), "", f"**Selection rule.** "
+                  f"{report.context['selection_rule']}.", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        rel = Path("..") / (BENCH / kind).relative_to(REPO_ROOT)
+        plots = [p for p in ("accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_per_layer.png")
+                 if (BENCH / kind / p).is_file()]
+        lines += ["", "Plots: " + ", ".join(f"[{p}]({rel / p})" for p in plots) + f"; full report: "
+                  f"[report.md]({rel / 'report.md'}).", ""]
+    lines += ["## The papers' claims, checked", "",
+              "Papers' numbers come from their own backbones and data (ViT-B/16 or ViT-L/16 on ImageNet, VTAB-1k "
+              "19 tasks or FGVC); ours from DINOv2-S on the tasks above. Compare the direction, not the values.",
+              "", "| paper | claim | paper's numbers (different backbone/data) | ours | verdict |",
+              "|---|---|---|---|---|"]
+    for claim in CLAIMS:
+        ours, result = verdict(claim, reports)
+        lines.append(f"| {claim[0]} | {claim[1]} | {claim[4]} | {ours} | {result} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.page_only:
+        tasks = [Path(t) for t in args.tasks] if args.tasks else default_tasks()
+        run(args, tasks, shortened(args, tasks))
+    reports = {kind: load(kind) for kind in ("store", "inloop")}
+    if not any(reports.values()):
+        print("no finished bench under benchmarks/results/bench/; run without --page-only first", file=sys.stderr)
+        return 2
+    PAGE.write_text(page(reports, command_line(__file__)))
+    print(f"wrote {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
