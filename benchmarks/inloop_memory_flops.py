@@ -47,13 +47,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, command_line, machine_context, machine_line  # noqa: E402
 
 from frozenlens.api import MethodSpec  # noqa: E402
 from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, load_backbone  # noqa: E402
+from frozenlens.bench.flops import flop_counter, flops_per_image  # noqa: E402
 from frozenlens.methods import build_method, get_method, method_names  # noqa: E402
 from frozenlens.methods.petl.combos import VQTOnPETL  # noqa: E402
 from frozenlens.train.measure import Measure  # noqa: E402
@@ -149,39 +149,6 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dic
 def synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _TotalsOnly:
-    """Stands in for ``FlopCounterMode``'s module tracker, keeping totals only: the tracker's
-    backward hooks fail on inputs that are views of parameters (VPT's expanded prompts)."""
-
-    parents = {"Global"}
-
-    def __enter__(self) -> "_TotalsOnly":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` that counts the total only."""
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _TotalsOnly()
-    return counter
-
-
-def flops_per_image(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor,
-                    ) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per image of one batch."""
-    model.eval()
-    with torch.no_grad(), flop_counter() as forward:
-        model(batch)
-    model.train()
-    with flop_counter() as step:
-        F.cross_entropy(model(batch), labels).backward()
-    count = len(labels)
-    return forward.get_total_flops() / count, step.get_total_flops() / count
 
 
 def measure_one(label: str, args: argparse.Namespace) -> dict[str, Any]:
