@@ -191,7 +191,8 @@ def markdown(report: BenchReport) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     lines += ["", ("Test accuracy in %, mean ± std over seeds (few-shot: per task over draws, then the mean over "
-                   "tasks). 'mean': the mean over tasks. 'peak train mem': growth of resident memory (CUDA: "
+                   "tasks). 'mean': the mean over tasks. 'trainable params': mean over tasks (heads grow with the "
+                   "number of classes). 'peak train mem': growth of resident memory (CUDA: "
                    "max allocated) while training, largest over tasks and stages. 'train s/seed': training time "
                    "of one final run. 'train GFLOPs/img': one training step (forward + backward) per image of "
                    "what trains (store methods: on stored taps); 'extract GFLOPs/img': the backbone pass that "
