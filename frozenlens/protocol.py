@@ -214,8 +214,12 @@ class _SplitCache:
         return self._images[split]
 
 
-def _split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separate a grid point into TrainConfig changes and method-config changes."""
+def split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A grid point as ``(TrainConfig changes, method-config changes)``.
+
+    Raises:
+        FrozenlensError: a name that is neither a training nor a method setting.
+    """
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     method_fields = {f.name for f in dataclasses.fields(config)}
     unknown = set(point) - train_fields - method_fields
@@ -236,7 +240,7 @@ def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str,
     points = grid_points(grid)
     runs = []
     for point in points:
-        train_changes, config_changes = _split_point(point, probe.config)
+        train_changes, config_changes = split_point(point, probe.config)
         runs.append((base.updated(**train_changes), dataclasses.replace(probe.config, **config_changes)))
     groups: dict[str, list[int]] = {}
     for index, (_, config) in enumerate(runs):

@@ -25,7 +25,7 @@ from frozenlens.bench.views import fewshot_view, selection_view, split_signature
 from frozenlens.data import Task, load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, config_to_dict, get_method
-from frozenlens.protocol import MethodResult, run_protocol, split_data
+from frozenlens.protocol import MethodResult, run_protocol, split_data, split_point
 from frozenlens.store import ActivationStore
 from frozenlens.train.data import TapData
 from frozenlens.train.images import ImageData
@@ -64,21 +64,6 @@ def grid_of(spec: MethodSpec, config: BenchConfig, view: Task) -> dict[str, list
         return None
     grid = get_method(spec.name).grid if config.grid is None else config.grid
     return {k: list(v) for k, v in grid.items()} or None
-
-
-def split_point(point: dict[str, Any], method_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A grid point as ``(TrainConfig changes, method-config changes)``.
-
-    Raises:
-        FrozenlensError: a name that is neither a training nor a method setting.
-    """
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    method_fields = {f.name for f in dataclasses.fields(method_config)}
-    unknown = set(point) - train_fields - method_fields
-    if unknown:
-        raise FrozenlensError(f"grid names {sorted(unknown)}: neither training nor method settings")
-    return ({k: v for k, v in point.items() if k in train_fields},
-            {k: v for k, v in point.items() if k not in train_fields})
 
 
 class Workspace:
