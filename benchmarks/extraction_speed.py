@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record(row(name, len(paths), timing, base, same_bytes_as_workers_0=identical))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    best = max(worker_counts or [0], key=lambda w: rates[w])
+    best = max([0, *worker_counts], key=lambda w: rates[w])  # decoding on the main thread is a candidate too
     ctx.update(best_workers=best, best_img_per_s=round(rates[best], 2),
                best_vs_bare_forward=rates[best] / base["forward"],
                best_vs_forward_taps=rates[best] / base["forward_taps"], same_bytes=same)

@@ -71,7 +71,8 @@ def add_parsers(sub: Any) -> None:
                         help="precision of stored activations (default: float16)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per backbone pass (default: 32)")
     parser.add_argument("--workers", type=_workers, metavar="N",
-                        help="image-decoding processes during local extraction (default: one per core, at most 4)")
+                        help="image-decoding processes during local extraction (default: the cores the backbone "
+                             "leaves free, at most 4: none on a 2-core CPU, one per core with --device cuda)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_backbone_args(parser)
     parser.set_defaults(run=run_bench_command)

@@ -79,7 +79,8 @@ def _worker_count(text: str) -> int:
 def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_worker_count, metavar="N",
                         help="processes decoding images while the backbone runs during extraction "
-                             "(default: one per core, at most 4; 0: decode between backbone passes)")
+                             "(default: the cores the backbone leaves free, at most 4 - none on a "
+                             "2-core CPU, one per core with --device cuda; 0: decode between passes)")
 
 
 def _add_store_taps_arg(parser: argparse.ArgumentParser) -> None:

@@ -484,7 +484,7 @@ def extract(
             (:func:`verify_store`) before reusing it; damaged shards are re-extracted.
         num_workers: processes that decode and preprocess images while the backbone
             runs (a torch ``DataLoader``; the stored values do not depend on it).
-            None: one per available core, at most 4 (none for a single batch); 0:
+            None: the cores the backbone leaves free, at most 4 (:func:`~frozenlens.store.loader.resolve_workers`); 0:
             decode on this thread between backbone passes. Ignored for a
             :class:`TapSource`.
 
@@ -671,7 +671,7 @@ class _LocalExtraction:
 
     def _compute(self, dataset: ImageFiles, batches: Iterator[list[int]], count: int) -> None:
         pin = self.device.type == "cuda"
-        workers = resolve_workers(self.num_workers, count)
+        workers = resolve_workers(self.num_workers, count, self.device)
         for rows, images in preprocessed_batches(dataset, batches, num_workers=workers, pin_memory=pin):
             with torch.inference_mode():
                 values = self.backbone.forward_taps(images.to(self.device, non_blocking=pin), self.taps)

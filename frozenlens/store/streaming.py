@@ -35,7 +35,7 @@ def stream_taps(backbone: FrozenBackbone | TapSource, paths: Sequence[str], taps
             values = backbone.compute_taps([paths[r] for r in rows], taps)
             yield torch.tensor(rows), {k: torch.from_numpy(v).float() for k, v in values.items()}
         return
-    workers = resolve_workers(num_workers, len(batches))
+    workers = resolve_workers(num_workers, len(batches), device)
     dataset = ImageFiles(paths, backbone.transform())
     pin = torch.device(device).type == "cuda"
     with torch.inference_mode():
