@@ -121,9 +121,9 @@ def run_protocol(
             type(models[0]).fit_many(models, data.get("trainval", models[0]), group, progress=progress)
         result.train_seconds += measured.seconds / len(seeds)
         result.peak_memory_mb = max(result.peak_memory_mb, measured.peak_mb)
-        if "test" in task.splits and data.has("test", models[0]):
-            test = data.get("test", models[0])
-            result.test_accuracies += [evaluate(model, test, group[0].device) for model in models]
+        if "test" in task.splits and data.has("test", models[0]):  # each model reads its own taps: a
+            # fit may choose them per seed (InCA's best layer on each seed's held-out part)
+            result.test_accuracies += [evaluate(model, data.get("test", model), group[0].device) for model in models]
         else:
             result.test_pending = "test" in task.splits
         result.models += models

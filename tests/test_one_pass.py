@@ -124,3 +124,30 @@ def test_fit_refuses_a_text_encoder_on_an_image_task_before_any_work(tiny_task):
     pytest.importorskip("transformers")
     with pytest.raises(FrozenlensError, match="is a text encoder"):
         fit(tiny_task, ["linear"], backbone=load_backbone("all-minilm-l6-v2"), progress=False)
+
+
+def test_seeds_that_choose_different_taps_are_each_scored_on_their_own(tiny_task, tiny_backbone, tmp_path,
+                                                                        monkeypatch):
+    """InCA keeps each seed's best layer: stacked seeds may end up reading different taps."""
+    from frozenlens.methods import get_method
+    from frozenlens.protocol import run_protocol
+    from frozenlens.train.trainer import TrainConfig
+
+    task = load_task(tiny_task)
+    store = extract(tiny_backbone, [str(i.path) for i in task.all_images()], token_maps(tiny_backbone.depth),
+                    root=tmp_path, progress=False)
+    inca = get_method("inca")
+    real = inca.fit_many.__func__
+
+    def fit_many(cls, models, *args, **kwargs):
+        losses = real(cls, models, *args, **kwargs)
+        for index, model in enumerate(models):  # as if each seed had kept another block
+            model.keep([0])
+            model.config = model.config.__class__(**{**model.config.__dict__, "layers": (index,)})
+        return losses
+
+    monkeypatch.setattr(inca, "fit_many", classmethod(fit_many))
+    result = run_protocol("inca", {"layers": "0+1+2"}, store, task, tiny_backbone,
+                          train_config=TrainConfig(epochs=1, warmup_epochs=0), seeds=(0, 1, 2))
+    assert [m.tap_keys() for m in result.models] == [["block.0:tokens"], ["block.1:tokens"], ["block.2:tokens"]]
+    assert len(result.test_accuracies) == 3 and not result.test_pending
