@@ -172,6 +172,9 @@ def vqt_protocol(net: Any, task: Any, train: Any, cfgs: list[TrainConfig], stack
     store_total = extract_seconds + 100 * (grid_epoch + seeds_epoch)
     loop_total = (len(cfgs) + len(seeds)) * 100 * loop_epoch
     flops, batch = vqt_step_flops(net, task, train, cfgs)
+    one, _ = vqt_step_flops(net, task, train, cfgs[:1])
+    own = (flops - one) / (len(cfgs) - 1)          # FLOPs each configuration adds to a stacked step
+    shared = one - own                              # FLOPs every configuration of a stack shares
     steps = -(-len(train) // cfgs[0].batch_size)
     achieved = flops * steps / (stacked_seconds / args.epochs) / 1e9
     peak = matmul_gflops()
@@ -180,7 +183,9 @@ def vqt_protocol(net: Any, task: Any, train: Any, cfgs: list[TrainConfig], stack
             "store_protocol_seconds": round(store_total), "loop_protocol_seconds": round(loop_total),
             "protocol_speedup": round(loop_total / store_total, 1), "step_gflop": round(flops / 1e9, 1),
             "achieved_gflops": round(achieved, 1), "matmul_gflops": round(peak, 1),
-            "matmul_fraction": round(achieved / peak, 2)}
+            "matmul_fraction": round(achieved / peak, 2), "one_config_step_gflop": round(one / 1e9, 2),
+            "shared_fraction_of_one_config": round(shared / one, 3),
+            "stacking_ceiling": round(len(cfgs) * one / flops, 2), "configs": len(cfgs)}
 
 
 def _winner(cfgs: list[TrainConfig], accuracies: list[float]) -> str:
@@ -212,6 +217,12 @@ def markdown(ctx: dict[str, Any], records: list[dict[str, Any]]) -> str:
                   f"- stacked store epoch: {vqt['achieved_gflops']} GFLOP/s against {vqt['matmul_gflops']} GFLOP/s "
                   f"for a 2048^2 fp32 matmul on this machine: **{vqt['matmul_fraction']:.0%}** "
                   f"(target {TARGETS['matmul_fraction']:.0%}); one step is {vqt['step_gflop']} GFLOP"]
+        if "stacking_ceiling" in vqt:
+            lines += [f"- FLOP profile (FlopCounterMode): one configuration's step is {vqt['one_config_step_gflop']}"
+                      f" GFLOP, of which {vqt['shared_fraction_of_one_config']:.0%} is shared by every configuration"
+                      f" of a stack; so {vqt['configs']} configurations stacked can do at most "
+                      f"**{vqt['stacking_ceiling']}x** less arithmetic than one at a time (the ceiling of the "
+                      "stacked speed-up above)"]
     return "\n".join(lines) + "\n"
 
 
