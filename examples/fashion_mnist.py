@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from frozenlens.atomic import fsync_dir, temp_name
+from examples.built_task import build_once
 from frozenlens.data.split import class_permutations
 from frozenlens.errors import DataError
 
@@ -58,7 +55,6 @@ IDX_FILES = {
 TRAIN_PER_CLASS = 80
 VAL_PER_CLASS = 20
 SEED = 0
-MARKER = ".complete"
 FORMAT_VERSION = 1
 
 _HOW_TO_GET = (
@@ -187,7 +183,7 @@ def _rel_path(label: int, part: str, index: int) -> str:
 
 
 def _write_task(tmp: Path, files: dict[str, Path], source_desc: str, n_test: int) -> None:
-    """Write images, split files, classes.txt, SOURCE.md and the marker into ``tmp``."""
+    """Write images, split files, classes.txt and SOURCE.md into ``tmp``."""
     train_images, train_labels = _load_part(files, "train")
     test_images, test_labels = _load_part(files, "test")
     splits = select_splits(train_labels, test_labels, n_test)
@@ -205,7 +201,6 @@ def _write_task(tmp: Path, files: dict[str, Path], source_desc: str, n_test: int
         (tmp / fname).write_text("".join(lines), encoding="utf-8")
     (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in FASHION_MNIST_CLASSES), encoding="utf-8")
     (tmp / "SOURCE.md").write_text(_source_md(files, source_desc, splits, n_test), encoding="utf-8")
-    (tmp / MARKER).write_text(json.dumps(_marker(n_test)) + "\n", encoding="utf-8")
 
 
 def _marker(n_test: int) -> dict[str, int]:
@@ -257,35 +252,6 @@ train800: {len(splits['train'])}, val200: {len(splits['val'])}, train800val200: 
 |---|---|---|---|---|---|
 {rows}
 """
-
-
-def _is_complete(out_dir: Path) -> dict | None:
-    """The marker's content if ``out_dir`` holds a completely built task, else None."""
-    try:
-        return json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _check_existing(out_dir: Path, n_test: int) -> bool:
-    """True if ``out_dir`` already holds this task; DataError if it holds something else."""
-    if not out_dir.exists():
-        return False
-    marker = _is_complete(out_dir)
-    if marker == _marker(n_test):
-        return True
-    if marker is not None:
-        raise DataError(
-            f"{out_dir}: holds a Fashion-MNIST task built with other settings ({marker}); "
-            f"delete it or choose another directory to build one with n_test={n_test}."
-        )
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-        return False
-    raise DataError(
-        f"{out_dir}: exists but is not a complete Fashion-MNIST task (no {MARKER} marker); "
-        "delete it or choose another directory."
-    )
 
 
 def _resolve_source(
@@ -353,28 +319,13 @@ def build_fashion_mnist_task(
     out_dir = Path(out_dir).expanduser().absolute()
     if n_test < 1:
         raise DataError(f"n_test must be at least 1, got {n_test}.")
-    if _check_existing(out_dir, n_test):
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(out_dir)  # frozenlens.atomic's per-writer sibling name, as for files
-    tmp.mkdir()  # not mkdtemp: that would leave the finished task mode 0700
-    try:
-        scratch_prefix = ".fashion-mnist-download-"
-        with tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=out_dir.parent) as scratch:
+
+    def write(folder: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".fashion-mnist-download-", dir=out_dir.parent) as scratch:
             files, source_desc = _resolve_source(source_dir, download, Path(scratch))
-            _write_task(tmp, files, source_desc, n_test)
-        _move_into_place(tmp, out_dir, n_test)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+            _write_task(folder, files, source_desc, n_test)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(out_dir, _marker(n_test), "Fashion-MNIST task", write)
 
 
-def _move_into_place(tmp: Path, out_dir: Path, n_test: int) -> None:
-    """Rename the finished build to ``out_dir``; accept a concurrent identical build."""
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if _is_complete(out_dir) != _marker(n_test):
-            raise
-        return
-    fsync_dir(out_dir.parent)

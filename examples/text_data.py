@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from frozenlens.atomic import fsync_dir, temp_name
+from examples.built_task import build_once
 from frozenlens.data.split import class_permutations
 from frozenlens.errors import DataError
 from frozenlens.paths import cache_dir
@@ -67,7 +66,6 @@ LEX_FILE_NUMBERS = {"noun.animal": 5, "noun.artifact": 6, "noun.body": 8, "noun.
 TRAIN_PER_CLASS = 80
 VAL_PER_CLASS = 20
 SEED = 0
-MARKER = ".complete"
 FORMAT_VERSION = 1
 
 _HOW_TO_GET = (
@@ -187,12 +185,8 @@ def build_wordnet_task(out_dir: Path | None = None, n_test: int = 1000, wordnet_
     if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 1:
         raise DataError(f"n_test must be a whole number of at least 1, got {n_test!r}.")
     out_dir = Path(out_dir or cache_dir() / "data" / f"wordnet-supersense-vtab-{n_test}").expanduser().absolute()
-    if _check_existing(out_dir, n_test):
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(out_dir)
-    tmp.mkdir()
-    try:
+
+    def write(folder: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=".wordnet-", dir=out_dir.parent) as scratch:
             if wordnet_dir is not None:
                 data_noun = Path(wordnet_dir) / "data.noun"
@@ -201,16 +195,10 @@ def build_wordnet_task(out_dir: Path | None = None, n_test: int = 1000, wordnet_
                 source, where = data_noun, f"`{data_noun.resolve()}` (given folder)"
             else:
                 source, where = find_wordnet_source(Path(scratch))
-            _write_task(tmp, source, where, n_test)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if _marker_of(out_dir) != _marker(n_test):  # not a concurrent identical build
-                raise
-        fsync_dir(out_dir.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+            _write_task(folder, source, where, n_test)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(out_dir, _marker(n_test), "WordNet task", write)
 
 
 def _write_task(tmp: Path, data_noun: Path, where: str, n_test: int) -> None:
@@ -220,35 +208,10 @@ def _write_task(tmp: Path, data_noun: Path, where: str, n_test: int) -> None:
         (tmp / f"{stem}.jsonl").write_text("".join(lines), encoding="utf-8")
     (tmp / "classes.txt").write_text("".join(f"{name}\n" for name in SUPERSENSES), encoding="utf-8")
     (tmp / "SOURCE.md").write_text(_source_md(data_noun, where, splits, n_test), encoding="utf-8")
-    (tmp / MARKER).write_text(json.dumps(_marker(n_test)) + "\n", encoding="utf-8")
 
 
 def _marker(n_test: int) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "n_test": n_test, "seed": SEED, "classes": SUPERSENSES}
-
-
-def _marker_of(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _check_existing(out_dir: Path, n_test: int) -> bool:
-    """True if ``out_dir`` already holds this task; DataError if it holds something else."""
-    if not out_dir.exists():
-        return False
-    marker = _marker_of(out_dir)
-    if marker == _marker(n_test):
-        return True
-    if marker is not None:
-        raise DataError(f"{out_dir}: holds a WordNet task built with other settings ({marker}); delete it or "
-                        f"choose another folder to build one with n_test={n_test}.")
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-        return False
-    raise DataError(f"{out_dir}: exists but is not a complete WordNet task (no {MARKER}); delete it or choose "
-                    "another folder.")
 
 
 def _source_md(data_noun: Path, where: str, splits: dict[str, list[dict[str, Any]]], n_test: int) -> str:
