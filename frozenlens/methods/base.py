@@ -16,6 +16,7 @@ from torch import nn
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
+from frozenlens.backbones.text import TextBackbone
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.data import TapData
 from frozenlens.train.stacked import train_many
@@ -46,6 +47,11 @@ class Method(nn.Module):
     :mod:`frozenlens.backbones.hooks`, on :attr:`frozen_backbone`. They must be
     built with the :class:`FrozenBackbone` itself, not its description.
     """
+
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    """Kinds of backbone the method works on: ``"image"`` (a ViT, :class:`FrozenBackbone`) and/or
+    ``"text"`` (a :class:`~frozenlens.backbones.text.TextBackbone`, whose taps come with a padding
+    mask under :data:`~frozenlens.backbones.text.MASK_KEY`). :func:`build_method` refuses the others."""
 
     needs_backbone_modules: ClassVar[bool] = False
     """True for store-trained methods that also run some of the backbone's own modules
@@ -194,16 +200,27 @@ def build_method(name: str, config: Any, backbone: "FrozenBackbone | dict[str, A
     if config is None or isinstance(config, dict):
         config = make_config(name, config)
     method_class = get_method(name)
-    if method_class.in_loop and not isinstance(backbone, FrozenBackbone):
+    local = isinstance(backbone, (FrozenBackbone, TextBackbone))
+    info = backbone.describe() if local else backbone
+    modality = backbone_modality(info)
+    if modality not in method_class.modalities:
+        readers = sorted(n for n, c in _REGISTRY.items() if modality in c.modalities)
+        raise FrozenlensError(f"method {name!r} does not work on {modality} backbones yet "
+                              f"({info.get('name', 'this backbone')}); methods that do: {', '.join(readers)}")
+    if method_class.in_loop and not local:
         raise FrozenlensError(
             f"method {name!r} runs the backbone in the training loop: it needs the backbone itself on "
             "this machine (build_method(..., backbone=<FrozenBackbone>); no --remote feature server)"
         )
-    info = backbone.describe() if isinstance(backbone, FrozenBackbone) else backbone
     method = method_class(config, info, num_classes)
-    if isinstance(backbone, FrozenBackbone):
+    if local:
         method.bind(backbone)
     return method
+
+
+def backbone_modality(info: dict[str, Any]) -> str:
+    """``"text"`` or ``"image"``: the kind of backbone described by ``info`` (its ``describe()``)."""
+    return str(info.get("modality", "image"))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

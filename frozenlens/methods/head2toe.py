@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from frozenlens.backbones.taps import Tap, block_tap
-from frozenlens.methods.base import register
+from frozenlens.methods.base import backbone_modality, register
 from frozenlens.methods.layers import FeatureHead, strongest_features
 from frozenlens.methods.linear import LinearHeadMethod, share_features
 from frozenlens.train.data import TapData
@@ -46,6 +46,7 @@ class Head2Toe(LinearHeadMethod):
     """Head2Toe: group-lasso feature selection over pooled taps of every block."""
 
     name = "head2toe"
+    modalities = ("image", "text")
     config_class = Head2ToeConfig
     summary = "pooled tokens of every block, group-lasso selection, linear head on the kept features"
 
@@ -60,7 +61,10 @@ class Head2Toe(LinearHeadMethod):
 
     @classmethod
     def taps(cls, config: Head2ToeConfig, backbone: dict[str, Any]) -> list[Tap]:
-        reductions = (["cls"] if config.include_cls else []) + [f"pool{g}" for g in config.pool_sizes]
+        """Each block's CLS and patch grid pooled to each of ``pool_sizes``; on a text backbone (no
+        grid) each block's CLS and masked mean token instead (``pool_sizes`` does not apply)."""
+        pools = ["patch_mean"] if backbone_modality(backbone) == "text" else [f"pool{g}" for g in config.pool_sizes]
+        reductions = (["cls"] if config.include_cls else []) + pools
         return [block_tap(i, r) for i in range(backbone["depth"]) for r in reductions]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,7 @@ class LinearProbe(LinearHeadMethod):
     """Linear probe: a linear head on the final CLS token (optionally + mean patch token)."""
 
     name = "linear"
+    modalities = ("image", "text")
     config_class = LinearProbeConfig
     summary = "linear head on the final CLS token (patch_mean=true adds the mean patch token)"
 
