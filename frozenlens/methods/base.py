@@ -16,7 +16,7 @@ from torch import nn
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
-from frozenlens.backbones.text import TextBackbone
+from frozenlens.backbones.text import MASK_KEY, TextBackbone
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.data import TapData
 from frozenlens.train.stacked import train_many
@@ -98,8 +98,12 @@ class Method(nn.Module):
         return []
 
     def tap_keys(self) -> list[str]:
-        """Keys of :meth:`taps` for this instance."""
-        return [t.key for t in self.taps(self.config, self.backbone_info)]
+        """Keys of the features this instance reads: its :meth:`taps`, and on a text backbone the
+        padding mask as well (:data:`~frozenlens.backbones.text.MASK_KEY`, last)."""
+        keys = [t.key for t in self.taps(self.config, self.backbone_info)]
+        if keys and backbone_modality(self.backbone_info) == "text":
+            keys.append(MASK_KEY)
+        return keys
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
         """Logits from a batch of tap values."""
