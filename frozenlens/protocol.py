@@ -7,7 +7,8 @@ split: it is only evaluated once per final model.
 
 Methods that read taps get :class:`TapData` from the activation store; methods
 that run the backbone in the loop (``Method.in_loop``) get :class:`ImageData`
-(images decoded and preprocessed once, shared by every grid point and seed).
+(images decoded and preprocessed once, shared by every grid point and seed), or on a
+text task :class:`~frozenlens.train.texts.TextData` (texts tokenized once).
 When the store does not hold the test images (``fit`` stores training images
 only), every seed's model is kept and :func:`score_test` scores them all in one
 streaming backbone pass over the test split.
@@ -20,22 +21,27 @@ import itertools
 import logging
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from frozenlens.backbones.base import FrozenBackbone
+from frozenlens.backbones import LOCAL_BACKBONES, FrozenBackbone, TextBackbone
 from frozenlens.backbones.taps import Tap
-from frozenlens.data import Task
+from frozenlens.backbones.text import MASK_KEY
+from frozenlens.data import AnyTask, item_id
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, build_method
+from frozenlens.store.examples import examples_of
 from frozenlens.store.store import ActivationStore, TapSource
 from frozenlens.store.streaming import stream_taps
 from frozenlens.train.data import TapData
 from frozenlens.train.images import ImageData
 from frozenlens.train.measure import Measure
 from frozenlens.train.trainer import TrainConfig, count_trainable, evaluate
+
+if TYPE_CHECKING:
+    from frozenlens.train.texts import TextData
 
 _log = logging.getLogger("frozenlens")
 
@@ -68,11 +74,11 @@ class MethodResult:
         return statistics.pstdev(self.test_accuracies) if self.test_accuracies else None
 
 
-def split_data(store: ActivationStore, task: Task, split: str, keys: Sequence[str],
+def split_data(store: ActivationStore, task: AnyTask, split: str, keys: Sequence[str],
                stream: bool = False) -> TapData:
     """Tap values and labels of one split of ``task`` (``stream``: read batch by batch from the store)."""
     items = task.split(split)
-    return TapData.from_store(store, keys, [str(i.path) for i in items], [i.label for i in items],
+    return TapData.from_store(store, keys, [item_id(i) for i in items], [i.label for i in items],
                               len(task.classes), stream=stream)
 
 
@@ -86,8 +92,8 @@ def run_protocol(
     method: str,
     config: Any,
     store: ActivationStore | None,
-    task: Task,
-    backbone: FrozenBackbone | dict[str, Any],
+    task: AnyTask,
+    backbone: FrozenBackbone | TextBackbone | dict[str, Any],
     *,
     train_config: TrainConfig,
     grid: dict[str, list[Any]] | None = None,
@@ -133,7 +139,7 @@ def run_protocol(
     return result
 
 
-def score_test(results: Sequence[MethodResult], task: Task, backbone: FrozenBackbone | TapSource, *,
+def score_test(results: Sequence[MethodResult], task: AnyTask, backbone: FrozenBackbone | TextBackbone | TapSource, *,
                store_dtype: str = "float16", batch_size: int = 32, device: str = "cpu", progress: bool = False,
                num_workers: int | None = None) -> None:
     """Test accuracy of every seed's model of ``results``, from ONE backbone pass over the test images.
@@ -150,14 +156,14 @@ def score_test(results: Sequence[MethodResult], task: Task, backbone: FrozenBack
     items = task.split("test")
     labels = torch.as_tensor([i.label for i in items], dtype=torch.long)
     correct = torch.zeros(len(models), dtype=torch.long)
-    taps = sorted({Tap.parse(key) for model in models for key in model.tap_keys()})
+    taps = sorted({Tap.parse(key) for model in models for key in model.tap_keys() if key != MASK_KEY})
     dtype = getattr(torch, store_dtype)
     for model in models:
         model.to(device).eval()
     bar = tqdm(total=len(items), desc=f"test ({len(models)} models)", unit="img", disable=not progress,
                dynamic_ncols=True)
     with bar, torch.inference_mode():
-        for rows, values in stream_taps(backbone, [str(i.path) for i in items], taps, batch_size=batch_size,
+        for rows, values in stream_taps(backbone, examples_of(items), taps, batch_size=batch_size,
                                         device=device, num_workers=num_workers):
             features = {key: value.to(device).to(dtype).float() for key, value in values.items()}
             truth = labels[rows]
@@ -174,20 +180,21 @@ class _SplitCache:
     """Data of each split: tap data loaded from the store once per set of taps, or images
     decoded once (train and val are taken from train+val's images when it holds them)."""
 
-    def __init__(self, store: ActivationStore | None, task: Task,
-                 backbone: FrozenBackbone | dict[str, Any], progress: bool = False, stream: bool = False):
+    def __init__(self, store: ActivationStore | None, task: AnyTask,
+                 backbone: FrozenBackbone | TextBackbone | dict[str, Any], progress: bool = False,
+                 stream: bool = False):
         self.store, self.task, self.backbone, self.progress = store, task, backbone, progress
         self.stream = stream
         self._loaded: dict[tuple[str, tuple[str, ...]], TapData] = {}
-        self._images: dict[str, ImageData] = {}
+        self._images: dict[str, Any] = {}
 
     def has(self, split: str, method: Method) -> bool:
         """True when ``method``'s data for ``split`` is at hand (the store holds the split's images)."""
         if method.in_loop:
             return True
-        return self.store is not None and self.store.has_images(str(i.path) for i in self.task.split(split))
+        return self.store is not None and self.store.has_images(item_id(i) for i in self.task.split(split))
 
-    def get(self, split: str, method: Method) -> TapData | ImageData:
+    def get(self, split: str, method: Method) -> "TapData | ImageData | TextData":
         """What ``method`` trains or is evaluated on for ``split``."""
         if method.in_loop:
             return self.images(split)
@@ -198,19 +205,22 @@ class _SplitCache:
             self._loaded[key] = split_data(self.store, self.task, split, key[1], self.stream)
         return self._loaded[key]
 
-    def images(self, split: str) -> ImageData:
-        """Preprocessed images of ``split``."""
+    def images(self, split: str) -> "ImageData | TextData":
+        """Preprocessed images (or tokenized texts) of ``split``."""
         if split not in self._images:
-            if not isinstance(self.backbone, FrozenBackbone):
+            if not isinstance(self.backbone, LOCAL_BACKBONES):
                 raise FrozenlensError("in-loop methods need the backbone itself, not its description")
-            paths = [str(i.path) for i in self.task.split(split)]
+            ids = [item_id(i) for i in self.task.split(split)]
             if split in ("train", "val") and "trainval" in self.task.splits:
-                found = self.images("trainval").select_paths(paths)
+                found = self.images("trainval").select_paths(ids)
                 if found is not None:
                     self._images[split] = found
                     return found
-            self._images[split] = ImageData.from_task(self.task, split, self.backbone,
-                                                      progress=self.progress)
+            kind = ImageData
+            if isinstance(self.backbone, TextBackbone):
+                from frozenlens.train.texts import TextData  # the text counterpart of ImageData
+                kind = TextData
+            self._images[split] = kind.from_task(self.task, split, self.backbone, progress=self.progress)
         return self._images[split]
 
 

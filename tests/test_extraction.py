@@ -17,6 +17,7 @@ from frozenlens.data import load_image, load_task
 from frozenlens.errors import ConfigError, ImageError, StoreError
 from frozenlens.store import extract
 from frozenlens.store import store as store_module
+from frozenlens.store.loader import ImageFiles
 from frozenlens.store.locks import file_lock, shard_lock_file
 from frozenlens.store.shards import shard_dir
 
@@ -100,7 +101,7 @@ def test_a_fixed_image_resumes_the_same_store(tiny_task, tiny_backbone, tmp_path
     """An image that fails to decode once (e.g. still being copied) and then reads: the rerun
     keeps the shards published before the error and computes the rest."""
     images = _images(tiny_task)[:30]
-    real = store_module.ImageFiles.__getitem__
+    real = ImageFiles.__getitem__
     failing = {"on": True}
 
     def flaky(self, index):
@@ -108,7 +109,7 @@ def test_a_fixed_image_resumes_the_same_store(tiny_task, tiny_backbone, tmp_path
             return index, ImageError(f"{self.paths[index]}: cannot decode image (test)")
         return real(self, index)
 
-    monkeypatch.setattr(store_module.ImageFiles, "__getitem__", flaky)
+    monkeypatch.setattr(ImageFiles, "__getitem__", flaky)
     root = tmp_path / "stores"
     with pytest.raises(ImageError, match="cannot decode image"):
         extract(tiny_backbone, images, TAPS[:2], root=root, shard_size=5, batch_size=2, progress=False,

@@ -292,7 +292,13 @@ def _in_hub_cache(name: str) -> bool:
     return (hub / f"models--timm--{name}").is_dir()
 
 
+LOCAL_BACKBONES: tuple[type, ...] = (FrozenBackbone, TextBackbone)
+"""Backbones that run on this machine (an image ViT or a text encoder), as opposed to a feature
+server's :class:`~frozenlens.store.TapSource`: ``isinstance(x, LOCAL_BACKBONES)``."""
+
+
 __all__ = [
+    "LOCAL_BACKBONES",
     "DEFAULT_BACKBONE",
     "FrozenBackbone",
     "Tap",

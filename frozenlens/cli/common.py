@@ -3,19 +3,43 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
-def add_backbone_args(parser: argparse.ArgumentParser) -> None:
-    """``--backbone``, ``--arch``, ``--img-size`` and ``--device``."""
+def add_backbone_args(parser: argparse.ArgumentParser, *, text: bool = False) -> None:
+    """``--backbone``, ``--arch``, ``--img-size`` and ``--device``; with ``text``, the commands that
+    read text tasks too: ``--backbone`` then defaults by task, and ``--text-column`` / ``--label-column``."""
     from frozenlens.backbones import DEFAULT_BACKBONE
+    from frozenlens.backbones.text import MINILM_BACKBONE
 
     group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                       help=f"backbone name or .safetensors path (default: {DEFAULT_BACKBONE}; "
+    default = (f"{DEFAULT_BACKBONE} for images, {MINILM_BACKBONE} for text tasks" if text else DEFAULT_BACKBONE)
+    group.add_argument("--backbone", default=None if text else DEFAULT_BACKBONE,
+                       help=f"backbone name or .safetensors path (default: {default}; "
                             "see `frozenlens backbones`)")
     group.add_argument("--arch", help="timm architecture of a local .safetensors checkpoint")
     group.add_argument("--img-size", type=int, help="input size in pixels (default: the backbone's)")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    if text:
+        data = parser.add_argument_group("text tasks (.csv / .jsonl files, or a saved Hugging Face dataset)")
+        data.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+        data.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+
+
+def load_task_arg(args: argparse.Namespace) -> Any:
+    """The task of ``args.data``: an image task, or a text task read with the column arguments."""
+    from frozenlens.data import load_any_task
+
+    return load_any_task(args.data, text_column=args.text_column, label_column=args.label_column)
+
+
+def default_backbone(task: Any) -> str:
+    """The backbone a task runs on when ``--backbone`` is not given."""
+    from frozenlens.backbones import DEFAULT_BACKBONE
+    from frozenlens.backbones.text import MINILM_BACKBONE
+    from frozenlens.data import TextTask
+
+    return MINILM_BACKBONE if isinstance(task, TextTask) else DEFAULT_BACKBONE
 
 
 def seed_list(text: str) -> list[int]:

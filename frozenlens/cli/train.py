@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from frozenlens.cli.common import add_backbone_args, positive_int, seed_list
+from frozenlens.cli.common import add_backbone_args, default_backbone, load_task_arg, positive_int, seed_list
 
 _FIT_DESCRIPTION = """\
 Train methods on a task and save one adapter folder per method plus
@@ -20,16 +20,16 @@ def add_parsers(sub: Any) -> None:
 
     fit = sub.add_parser("fit", help="extract once, train methods, save adapters and results",
                          formatter_class=argparse.RawDescriptionHelpFormatter, description=_FIT_DESCRIPTION)
-    fit.add_argument("data", help="task folder")
+    fit.add_argument("data", help="task folder (images), or text task folder/file (.csv, .jsonl)")
     fit.add_argument("--out", help="output folder (default: runs/<task name>)")
     _add_fit_args(fit)
-    add_backbone_args(fit)
+    add_backbone_args(fit, text=True)
     add_remote_args(fit, codec_default="float16")
     fit.set_defaults(run=run_fit)
 
     extract = sub.add_parser("extract", help="run the backbone once over the training images and store "
                                              "what `fit` will train from")
-    extract.add_argument("data", help="task folder")
+    extract.add_argument("data", help="task folder (images), or text task folder/file (.csv, .jsonl)")
     extract.add_argument("--method", action="append", dest="methods", metavar="NAME[:key=value,...]",
                          help="store the taps of these methods (default: linear); training settings "
                               "in the spec (epochs=..., lr=...) are accepted and ignored")
@@ -44,7 +44,7 @@ def add_parsers(sub: Any) -> None:
                          help="check every shard of an existing store against the hashes recorded "
                               "when it was written (and for NaN/inf); damaged shards are set aside "
                               "in quarantine/ and re-extracted")
-    add_backbone_args(extract)
+    add_backbone_args(extract, text=True)
     extract.set_defaults(run=run_extract)
 
 
@@ -95,11 +95,10 @@ def _add_store_taps_arg(parser: argparse.ArgumentParser) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """``frozenlens fit``."""
     from frozenlens.api import fit
-    from frozenlens.data import load_task
 
-    task = load_task(args.data)
+    task = load_task_arg(args)
     out = Path(args.out or Path("runs") / task.name)
-    backbone = args.backbone
+    backbone = args.backbone or default_backbone(task)
     if args.remote:
         from frozenlens.cli.serve import remote_source
 
@@ -131,17 +130,18 @@ def run_extract(args: argparse.Namespace) -> int:
     """``frozenlens extract``."""
     from frozenlens.api import MethodSpec, extract_task
     from frozenlens.backbones import Tap, load_backbone
-    from frozenlens.data import load_task
     from frozenlens.methods import get_method
 
-    task = load_task(args.data)
+    task = load_task_arg(args)
     taps = {Tap.parse(t) for t in args.taps or []}
     specs = [MethodSpec.parse(m) for m in args.methods or ([] if taps else ["linear"])]
-    net = load_backbone(args.backbone, arch=args.arch, img_size=args.img_size, device=args.device)
+    net = load_backbone(args.backbone or default_backbone(task), arch=args.arch, img_size=args.img_size,
+                        device=args.device)
     for spec in specs:
         taps |= set(get_method(spec.name).taps(spec.config(), net.describe()))
     store = extract_task(task, net, sorted(taps), store_taps=args.store_taps, dtype=args.store_dtype,
                          batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                          verify=args.verify)
-    print(f"store: {store.path} ({store.num_images} images, {store.bytes_per_image / 1024:.1f} KB/img)")
+    unit, units = ("text", "texts") if store.modality == "text" else ("img", "images")
+    print(f"store: {store.path} ({store.num_images} {units}, {store.bytes_per_image / 1024:.1f} KB/{unit})")
     return 0

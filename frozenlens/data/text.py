@@ -183,6 +183,22 @@ def load_text_task(path: str | Path, *, text_column: str = "text", label_column:
     raise DataError(f"{root}: no recognised text layout (found {found}). {_ACCEPTED}")
 
 
+def looks_like_text_task(path: str | Path) -> bool:
+    """True when ``path`` is a text task rather than an image one: a ``.csv``/``.jsonl`` file, a
+    saved Hugging Face dataset, or a folder of ``.csv``/``.jsonl`` files with no sub-folders (an
+    image task keeps its images in folders; an HF imagefolder's ``metadata.csv`` does not count)."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return root.suffix.lower() in TEXT_EXTENSIONS
+    if not root.is_dir():
+        return False
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return True
+    children = [c for c in root.iterdir() if not c.name.startswith(".")]
+    texts = [c for c in children if c.is_file() and c.suffix.lower() in TEXT_EXTENSIONS and c.stem != "metadata"]
+    return bool(texts) and not any(c.is_dir() for c in children)
+
+
 # -- layouts ------------------------------------------------------------------------------------
 
 

@@ -39,9 +39,14 @@ class LinearHeadMethod(Method):
         """Width of the concatenated, flattened taps."""
         return sum(_flat_size(t, self.backbone_info) for t in self.taps(self.config, self.backbone_info))
 
+    def feature_keys(self) -> list[str]:
+        """Keys of the pooled taps concatenated into the feature vector (a text backbone's padding
+        mask is not one: the pooled taps were masked when they were computed)."""
+        return [t.key for t in self.taps(self.config, self.backbone_info)]
+
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Standardised feature vectors of a batch."""
-        return self.standardize(concat_taps(batch, self.tap_keys()))
+        return self.standardize(concat_taps(batch, self.feature_keys()))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from standardised feature vectors (the trainable part)."""
@@ -63,8 +68,8 @@ class LinearHeadMethod(Method):
         The features do not change during training, so every epoch reads the
         same matrix instead of re-concatenating and re-standardising taps.
         """
-        features = data.subset(self.tap_keys()).float_features()
-        self.standardize.fit(concat_taps(features, self.tap_keys()))
+        features = data.subset(self.feature_keys()).float_features()
+        self.standardize.fit(concat_taps(features, self.feature_keys()))
         with torch.no_grad():
             matrix = self.features(features)
         return TapData({"features": matrix}, data.labels, data.num_classes)

@@ -49,13 +49,15 @@ class ImageFiles(Dataset):
                                      "Remove or replace the file, or drop its line from the split file.")
 
 
-def collate(items: list[tuple[int, torch.Tensor | Exception]]) -> tuple[torch.Tensor, torch.Tensor] | Exception:
-    """``(rows, images)`` of a batch, or the first error among its items."""
+def collate(items: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor | list[str]] | Exception:
+    """``(rows, images)`` of a batch (``images`` stacked; texts stay a list), or the first error
+    among its items."""
     for _, value in items:
         if isinstance(value, Exception):
             return value
-    return (torch.tensor([row for row, _ in items], dtype=torch.long),
-            torch.stack([value for _, value in items]))
+    rows = torch.tensor([row for row, _ in items], dtype=torch.long)
+    values = [value for _, value in items]
+    return rows, torch.stack(values) if isinstance(values[0], torch.Tensor) else values
 
 
 def available_cpus() -> int:
@@ -99,7 +101,7 @@ class _Plan:
         return iter(self.batches)
 
 
-def preprocessed_batches(dataset: ImageFiles, batches: Iterable[list[int]], *, num_workers: int,
+def preprocessed_batches(dataset: Dataset, batches: Iterable[list[int]], *, num_workers: int,
                          pin_memory: bool = False, prefetch_factor: int = 2,
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(rows, images)`` for each list of rows of ``batches``, in order, preprocessed by

@@ -42,15 +42,25 @@ from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_chec
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from frozenlens.atomic import write_json
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap, reduce_tokens, tap_shape
+from frozenlens.backbones.text import MASK_KEY, TextBackbone, reduce_text_tokens
 from frozenlens.errors import ConfigError, FrozenlensError, StoreError
 from frozenlens.paths import cache_dir, ensure_dir
+from frozenlens.store.examples import (
+    TextExamples,
+    check_examples,
+    examples_fingerprint,
+    forward_batch,
+    input_rows,
+    row_ids,
+)
 from frozenlens.store.fingerprint import images_fingerprint
-from frozenlens.store.loader import ImageFiles, preprocessed_batches, resolve_workers
+from frozenlens.store.loader import preprocessed_batches, resolve_workers
 from frozenlens.store.locks import file_lock, shard_lock_file, store_lock_file
 from frozenlens.store.shards import (
     COMPLETE,
@@ -117,6 +127,8 @@ class _Plan:
     images: tuple[str, ...]
     fingerprint: str
     origin: str | None = None
+    num_tokens: int | None = None
+    """Texts only: every row's padded token length (the longest text's)."""
 
     @property
     def base(self) -> dict:
@@ -173,8 +185,13 @@ class ActivationStore:
 
     @property
     def image_paths(self) -> list[str]:
-        """Image paths in store order."""
+        """Row ids in store order: image paths, or text keys (``TextItem.key``)."""
         return list(self.meta["images"])
+
+    @property
+    def modality(self) -> str:
+        """``"image"`` or ``"text"``: what the rows are."""
+        return str(self.meta["backbone"].get("modality", "image"))
 
     @property
     def dtype(self) -> str:
@@ -253,11 +270,17 @@ class ActivationStore:
         (in float32, then stored precision: what the backbone pass would have stored)."""
         source, reduce = self._source(key), Tap.parse(key).reduce
         backbone = self.meta["backbone"]
-        prefix, grid = int(backbone["num_prefix_tokens"]), tuple(backbone["grid_size"])
+        prefix = int(backbone["num_prefix_tokens"])
         out = np.empty((len(indices), *self.shape(key)), dtype=self.meta["dtype"])
         for start in range(0, len(indices), chunk):
-            tokens = torch.from_numpy(self.get(source, indices[start:start + chunk])).float()
-            out[start:start + chunk] = reduce_tokens(tokens, reduce, prefix, grid).numpy()
+            rows = indices[start:start + chunk]
+            tokens = torch.from_numpy(self.get(source, rows)).float()
+            if backbone.get("modality") == "text":
+                mask = torch.from_numpy(self.get(MASK_KEY, rows)) > 0.5
+                value = reduce_text_tokens(tokens, mask, reduce, prefix)
+            else:
+                value = reduce_tokens(tokens, reduce, prefix, tuple(backbone["grid_size"]))
+            out[start:start + chunk] = value.numpy()
         return out
 
     def _map(self, key: str, shard: int) -> np.ndarray:
@@ -282,7 +305,10 @@ def derivation_source(meta: Mapping, key: str) -> str | None:
         return None
     source = f"{tap.site}:tokens"
     backbone = meta.get("backbone", {})
-    reducible = "num_prefix_tokens" in backbone and "grid_size" in backbone
+    if backbone.get("modality") == "text":  # no patch grid; reductions use the stored padding mask
+        reducible = MASK_KEY in meta["shapes"] and not tap.reduce.startswith("pool")
+    else:
+        reducible = "num_prefix_tokens" in backbone and "grid_size" in backbone
     return source if tap.reduce != "tokens" and reducible and source in meta["shapes"] else None
 
 
@@ -417,28 +443,42 @@ def token_maps(depth: int) -> list[Tap]:
     return [Tap("embed"), *(Tap(f"block.{i}") for i in range(depth)), Tap("final")]
 
 
-def find_task_store(backbone: FrozenBackbone | TapSource, images: Sequence[Path | str], taps: Iterable[Tap],
-                    dtype: str = "float16", root: Path | None = None, verify: bool = False,
+def find_task_store(backbone: FrozenBackbone | TextBackbone | TapSource, images: Sequence[Path | str] | TextExamples,
+                    taps: Iterable[Tap], dtype: str = "float16", root: Path | None = None, verify: bool = False,
                     ) -> ActivationStore | None:
-    """A complete store of ``images`` by ``backbone`` (same weights, preprocessing, dtype and image
-    contents) that holds ``taps`` or token maps they reduce from; None when there is none."""
-    paths = [str(Path(p)) for p in images]
-    origin = None if isinstance(backbone, FrozenBackbone) else backbone.origin
+    """A complete store of ``images`` (or :class:`TextExamples`) by ``backbone`` (same weights,
+    preprocessing, dtype and contents) that holds ``taps`` or token maps they reduce from; None
+    when there is none."""
+    plan = _plan(backbone, images, taps, dtype)
+    return find_store(Path(root) if root else store_root(), plan.base_key, plan.taps, verify=verify)
+
+
+def _plan(backbone: FrozenBackbone | TextBackbone | TapSource, examples: Sequence[Path | str] | TextExamples,
+          taps: Iterable[Tap], dtype: str) -> _Plan:
+    """What storing ``taps`` of ``examples`` means: the store's identity (a text store also keeps
+    the padding mask, and pads every row to the longest text)."""
+    check_examples(backbone, examples)
+    origin = None if isinstance(backbone, (FrozenBackbone, TextBackbone)) else backbone.origin
     keys = tuple(t.key for t in sorted(set(taps)))
-    plan = _Plan(backbone.describe(), keys, dtype, tuple(paths), images_fingerprint(paths), origin)
-    return find_store(Path(root) if root else store_root(), plan.base_key, keys, verify=verify)
+    text = isinstance(examples, TextExamples)
+    return _Plan(backbone.describe(), (*keys, MASK_KEY) if text else keys, dtype, tuple(row_ids(examples)),
+                 examples_fingerprint(examples), origin,
+                 examples.num_tokens(backbone) if text else None)
 
 
-def check_disk_room(backbone: FrozenBackbone | TapSource, taps: Sequence[Tap], num_images: int, dtype: str,
-                    *, root: Path | None = None, progress: bool = True) -> int:
-    """Bytes a store of ``taps`` for ``num_images`` images takes, logged before it is written.
+def check_disk_room(backbone: FrozenBackbone | TextBackbone | TapSource, taps: Sequence[Tap], num_images: int,
+                    dtype: str, *, root: Path | None = None, progress: bool = True, num_tokens: int | None = None,
+                    ) -> int:
+    """Bytes a store of ``taps`` for ``num_images`` images (or texts padded to ``num_tokens``)
+    takes, logged before it is written.
 
     Raises:
         StoreError: the disk holding the store folder has less room than that (naming the folder,
             the sizes and what to do).
     """
     itemsize = np.dtype(_DTYPES[dtype][1]).itemsize if dtype in _DTYPES else 2
-    per_image = sum(int(np.prod(backbone.tap_shape(t))) for t in taps) * itemsize
+    shapes = _tap_shapes(backbone, taps, num_tokens)
+    per_image = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
     total = per_image * num_images
     folder = ensure_dir(Path(root) if root else store_root())
     free = shutil.disk_usage(folder).free
@@ -454,8 +494,8 @@ def check_disk_room(backbone: FrozenBackbone | TapSource, taps: Sequence[Tap], n
 
 
 def extract(
-    backbone: FrozenBackbone | TapSource,
-    images: Sequence[Path | str],
+    backbone: FrozenBackbone | TextBackbone | TapSource,
+    images: Sequence[Path | str] | TextExamples,
     taps: Iterable[Tap],
     *,
     root: Path | None = None,
@@ -470,9 +510,11 @@ def extract(
     """Run ``backbone`` once over ``images`` and store ``taps``; resume or reuse when possible.
 
     Args:
-        backbone: the frozen backbone, or a :class:`TapSource` that computes the
-            taps elsewhere (e.g. a feature server).
-        images: image files, in the order rows will have in the store.
+        backbone: the frozen backbone (an image or a text one), or a :class:`TapSource` that
+            computes the taps elsewhere (e.g. a feature server).
+        images: image files, in the order rows will have in the store; for a text backbone,
+            :class:`~frozenlens.store.examples.TextExamples` (rows keyed by their ids, padded to
+            the longest text, with the padding mask stored as ``attention_mask``).
         taps: activations to keep.
         root: folder of stores (default :func:`store_root`).
         dtype: ``float16`` (default, half the disk) or ``float32``.
@@ -502,10 +544,7 @@ def extract(
                           "(0: decode images on the main thread), or None for the default")
     root = Path(root) if root else store_root()
     taps = sorted(set(taps))
-    paths = [str(Path(p)) for p in images]
-    origin = None if isinstance(backbone, FrozenBackbone) else backbone.origin
-    plan = _Plan(backbone.describe(), tuple(t.key for t in taps), dtype, tuple(paths),
-                 images_fingerprint(paths), origin)
+    plan = _plan(backbone, images, taps, dtype)
     existing = find_store(root, plan.base_key, plan.taps, verify=verify)
     if existing is not None:
         if progress:
@@ -516,7 +555,7 @@ def extract(
     if verify and published_shards(path):
         logger.info("checking the finished shards of %s (hashes and values)", path)
         _repair(path, meta, full=True, shards=published_shards(path))
-    _extract_missing(path, meta, backbone, taps, batch_size, progress, device, num_workers)
+    _extract_missing(path, meta, backbone, images, taps, batch_size, progress, device, num_workers)
     return _finish(path, meta)
 
 
@@ -539,9 +578,17 @@ def _write_meta(path: Path, plan: _Plan, backbone: FrozenBackbone | TapSource, t
         return meta
 
 
-def _new_meta(plan: _Plan, backbone: FrozenBackbone | TapSource, taps: list[Tap],
+def _tap_shapes(backbone: FrozenBackbone | TextBackbone | TapSource, taps: Sequence[Tap],
+                num_tokens: int | None) -> dict[str, tuple[int, ...]]:
+    """Per-row shape of each tap; texts padded to ``num_tokens`` add their padding mask."""
+    if not isinstance(backbone, TextBackbone):
+        return {t.key: tuple(backbone.tap_shape(t)) for t in taps}
+    return {**{t.key: backbone.tap_shape(t, num_tokens) for t in taps}, MASK_KEY: (num_tokens or backbone.max_length,)}
+
+
+def _new_meta(plan: _Plan, backbone: FrozenBackbone | TextBackbone | TapSource, taps: list[Tap],
               shard_size: int | None) -> dict:
-    shapes = {t.key: list(backbone.tap_shape(t)) for t in taps}
+    shapes = {key: list(shape) for key, shape in _tap_shapes(backbone, taps, plan.num_tokens).items()}
     itemsize = np.dtype(plan.dtype).itemsize
     per_image = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
     size = shard_size or max(1, min(1024, _SHARD_BYTES // max(per_image, 1)))
@@ -551,6 +598,7 @@ def _new_meta(plan: _Plan, backbone: FrozenBackbone | TapSource, taps: list[Tap]
         "dtype": plan.dtype, "num_images": len(plan.images), "shard_size": size,
         "num_shards": -(-len(plan.images) // size), "images": list(plan.images),
         "images_fingerprint": plan.fingerprint, **({"origin": plan.origin} if plan.origin else {}),
+        **({"num_tokens": plan.num_tokens} if plan.num_tokens else {}),
     }
 
 
@@ -564,7 +612,8 @@ def _set_aside_all(path: Path) -> None:
         logger.warning("%s: shards of the old store moved to %s", path, target)
 
 
-def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TapSource, taps: list[Tap],
+def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TextBackbone | TapSource,
+                     examples: Sequence[Path | str] | TextExamples, taps: list[Tap],
                      batch_size: int, progress: bool, device, num_workers: int | None) -> None:
     """Compute every shard not yet published, sharing the work with concurrent extractions."""
     ensure_dir(path / "shards")
@@ -573,14 +622,14 @@ def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TapSourc
     if progress and len(todo) < meta["num_shards"]:
         logger.info("resuming extraction in %s: %d/%d shards already done", path,
                     meta["num_shards"] - len(todo), meta["num_shards"])
-    local = isinstance(backbone, FrozenBackbone)
+    local = isinstance(backbone, (FrozenBackbone, TextBackbone))
     desc = "extracting" if local else f"fetching ({backbone.origin})"
     finished = meta["num_images"] - sum(shard_rows(meta, s) for s in todo)
     bar = tqdm(total=meta["num_images"], initial=finished, unit="img", desc=desc,
                disable=not progress, dynamic_ncols=True)
     with bar:
         if local:
-            _LocalExtraction(path, meta, backbone, taps, batch_size, device, num_workers, bar).run(todo)
+            _LocalExtraction(path, meta, backbone, examples, taps, batch_size, device, num_workers, bar).run(todo)
             return
 
         def compute(images: list[str]) -> dict[str, np.ndarray]:
@@ -619,9 +668,11 @@ class _LocalExtraction:
     and are cut as without workers, so the values do not depend on the workers.
     """
 
-    def __init__(self, path: Path, meta: dict, backbone: FrozenBackbone, taps: list[Tap], batch_size: int,
+    def __init__(self, path: Path, meta: dict, backbone: FrozenBackbone | TextBackbone,
+                 examples: Sequence[Path | str] | TextExamples, taps: list[Tap], batch_size: int,
                  device, num_workers: int | None, bar):
         self.path, self.meta, self.backbone, self.taps = path, meta, backbone, taps
+        self.examples = examples
         self.batch_size, self.num_workers, self.bar = batch_size, num_workers, bar
         self.device = torch.device(device) if device else next(backbone.parameters()).device
         self.torch_dtype, self.np_dtype = _DTYPES[meta["dtype"]]
@@ -633,7 +684,7 @@ class _LocalExtraction:
     def run(self, todo: list[int]) -> None:
         if not todo:
             return
-        dataset = ImageFiles(self.meta["images"], self.backbone.transform())
+        dataset = input_rows(self.backbone, self.examples)
         try:
             busy: list[int] = []
             self._compute(dataset, self._claim(todo, busy, blocking=False), self._batches(todo))
@@ -669,12 +720,13 @@ class _LocalExtraction:
             for first in range(start, stop, self.batch_size):
                 yield list(range(first, min(first + self.batch_size, stop)))
 
-    def _compute(self, dataset: ImageFiles, batches: Iterator[list[int]], count: int) -> None:
+    def _compute(self, dataset: Dataset, batches: Iterator[list[int]], count: int) -> None:
         pin = self.device.type == "cuda"
         workers = resolve_workers(self.num_workers, count, self.device)
         for rows, images in preprocessed_batches(dataset, batches, num_workers=workers, pin_memory=pin):
             with torch.inference_mode():
-                values = self.backbone.forward_taps(images.to(self.device, non_blocking=pin), self.taps)
+                values = forward_batch(self.backbone, images, self.taps, self.device,
+                                       num_tokens=self.meta.get("num_tokens"), non_blocking=pin)
             shard = int(rows[0]) // self.meta["shard_size"]
             arrays, filled = self.filling.setdefault(shard, (self._new_arrays(shard), [0]))
             offset = int(rows[0]) - shard * self.meta["shard_size"]
@@ -687,7 +739,7 @@ class _LocalExtraction:
 
     def _new_arrays(self, shard: int) -> dict[str, np.ndarray]:
         rows = shard_rows(self.meta, shard)
-        return {t.key: np.empty((rows, *self.meta["shapes"][t.key]), dtype=self.np_dtype) for t in self.taps}
+        return {key: np.empty((rows, *shape), dtype=self.np_dtype) for key, shape in self.meta["shapes"].items()}
 
     def _publish(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Write ``shard`` in the background (after the previous one) and release its lock."""
