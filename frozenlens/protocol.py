@@ -160,7 +160,8 @@ def score_test(results: Sequence[MethodResult], task: AnyTask, backbone: FrozenB
     dtype = getattr(torch, store_dtype)
     for model in models:
         model.to(device).eval()
-    bar = tqdm(total=len(items), desc=f"test ({len(models)} models)", unit="img", disable=not progress,
+    unit = "text" if isinstance(backbone, TextBackbone) else "img"
+    bar = tqdm(total=len(items), desc=f"test ({len(models)} models)", unit=unit, disable=not progress,
                dynamic_ncols=True)
     with bar, torch.inference_mode():
         for rows, values in stream_taps(backbone, examples_of(items), taps, batch_size=batch_size,

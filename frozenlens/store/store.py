@@ -625,7 +625,8 @@ def _extract_missing(path: Path, meta: dict, backbone: FrozenBackbone | TextBack
     local = isinstance(backbone, (FrozenBackbone, TextBackbone))
     desc = "extracting" if local else f"fetching ({backbone.origin})"
     finished = meta["num_images"] - sum(shard_rows(meta, s) for s in todo)
-    bar = tqdm(total=meta["num_images"], initial=finished, unit="img", desc=desc,
+    unit = "text" if meta["backbone"].get("modality") == "text" else "img"
+    bar = tqdm(total=meta["num_images"], initial=finished, unit=unit, desc=desc,
                disable=not progress, dynamic_ncols=True)
     with bar:
         if local:
