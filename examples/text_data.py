@@ -16,7 +16,7 @@ per line: ``text``, ``label`` (class name), ``synset`` (``n<offset>``), ``lemmas
 ``classes.txt`` and ``SOURCE.md``; :func:`frozenlens.data.text.load_text_task` reads it.
 
     python -m examples.text_data                    # build into <cache>/data/, print the path
-    python -m examples.text_data --probe            # ... and run the linear probes on all-MiniLM-L6-v2
+    frozenlens fit <that path> --method linear:patch_mean=true --grid --seeds 0,1,2   # all-MiniLM-L6-v2
 """
 
 from __future__ import annotations
@@ -250,105 +250,17 @@ Built by `examples.text_data.build_wordnet_task(n_test={n_test})` in the frozenl
 """
 
 
-# -- the linear probe on the live backbone ------------------------------------------------------
-
-
-def probe(task_dir: Path, seeds: tuple[int, ...] = (0, 1, 2), backbone_name: str = "all-minilm-l6-v2",
-          batch_size: int = 64) -> list[dict[str, Any]]:
-    """Linear probes on the task: features computed once in memory by the text backbone
-    (no store), heads trained with frozenlens' linear-probe trainer.
-
-    Protocol (VTAB-1k, as the image demo): lr x weight decay from ``LINEAR_GRID`` tuned on
-    train800 / val200 (seed 0), then retrained on train800val200 with each seed and tested once.
-    Returns one record per feature set: ``cls``, ``mean`` (masked mean), ``cls+mean``.
-    """
-    import torch
-
-    from frozenlens.backbones import Tap, load_backbone
-    from frozenlens.data.text import load_text_task
-    from frozenlens.methods.linear import LINEAR_GRID, LinearHeadMethod
-    from frozenlens.train.data import TapData
-    from frozenlens.train.trainer import evaluate
-
-    task = load_text_task(task_dir)
-    backbone = load_backbone(backbone_name)
-    taps = [Tap("final", "cls"), Tap("final", "patch_mean")]
-
-    def features(split: str) -> TapData:
-        items = task.split(split)
-        chunks: dict[str, list[torch.Tensor]] = {t.key: [] for t in taps}
-        with torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                out = backbone.forward_taps([i.text for i in items[start:start + batch_size]], taps)
-                for t in taps:
-                    chunks[t.key].append(out[t.key].float())
-        labels = torch.tensor([i.label for i in items])
-        return TapData({k: torch.cat(v) for k, v in chunks.items()}, labels, task.num_classes)
-
-    data = {split: features(split) for split in ("train", "val", "test")}
-    data["trainval"] = TapData({k: torch.cat([data["train"].features[k], data["val"].features[k]])
-                                for k in data["train"].features},
-                               torch.cat([data["train"].labels, data["val"].labels]), task.num_classes)
-    if [i.key for i in task.split("trainval")] != [i.key for i in task.split("train") + task.split("val")]:
-        raise DataError(f"{task_dir}: train800val200 is not train800 followed by val200")
-    records = []
-    for label, keys in (("cls", ["final:cls"]), ("mean", ["final:patch_mean"]),
-                        ("cls+mean", ["final:cls", "final:patch_mean"])):
-        head_class = _probe_class(keys, LinearHeadMethod)
-        base_cfg = head_class.train_defaults
-        best = None
-        for lr in LINEAR_GRID["lr"]:
-            for wd in LINEAR_GRID["weight_decay"]:
-                model = head_class(None, backbone.describe(), task.num_classes)
-                model.fit(data["train"], base_cfg.updated(lr=lr, weight_decay=wd, seed=0))
-                accuracy = evaluate(model, data["val"])
-                if best is None or accuracy > best[0]:
-                    best = (accuracy, lr, wd)
-        tests = []
-        for seed in seeds:
-            model = head_class(None, backbone.describe(), task.num_classes)
-            model.fit(data["trainval"], base_cfg.updated(lr=best[1], weight_decay=best[2], seed=seed))
-            tests.append(evaluate(model, data["test"]))
-        records.append({"features": label, "taps": keys, "val_accuracy": best[0], "lr": best[1],
-                        "weight_decay": best[2], "test_accuracies": tests, "test_mean": float(np.mean(tests)),
-                        "test_std": float(np.std(tests)), "epochs": base_cfg.epochs,
-                        "warmup_epochs": base_cfg.warmup_epochs, "batch_size": base_cfg.batch_size,
-                        "optimizer": base_cfg.optimizer, "seeds": list(seeds), "n_test": len(data["test"])})
-    return records
-
-
-def _probe_class(keys: list[str], base: type) -> type:
-    """A linear head on the taps ``keys`` (``final:cls`` and/or ``final:patch_mean``)."""
-    from frozenlens.backbones import Tap
-
-    class Probe(base):  # type: ignore[misc, valid-type]
-        name = "linear-text-" + "+".join(k.split(":")[1] for k in keys)
-
-        @classmethod
-        def taps(cls, config: Any, backbone: dict[str, Any]) -> list:
-            return [Tap.parse(k) for k in keys]
-
-    return Probe
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Command line: build the task, optionally run the probes and print their results."""
+    """Command line: build the task and print its path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="task folder (default: in the frozenlens cache)")
     parser.add_argument("--n-test", type=int, default=1000, help="test examples (default 1000)")
     parser.add_argument("--wordnet-dir", type=Path, default=None, help="folder holding WordNet 3.0's data.noun")
-    parser.add_argument("--probe", action="store_true", help="run the linear probes (all-MiniLM-L6-v2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = build_wordnet_task(args.out, args.n_test, args.wordnet_dir)
     logger.info("task: %s", path)
-    if args.probe:
-        logger.info("| features | test acc (mean ± std, %) | val acc | lr | wd | epochs |")
-        logger.info("|---|---|---|---|---|---|")
-        for r in probe(path):
-            logger.info("| %s | %.2f ± %.2f | %.2f | %g | %g | %d |", r["features"], 100 * r["test_mean"],
-                        100 * r["test_std"], 100 * r["val_accuracy"], r["lr"], r["weight_decay"], r["epochs"])
-
+    logger.info("train on it: frozenlens fit %s --method linear:patch_mean=true --grid --seeds 0,1,2", path)
 
 if __name__ == "__main__":
     main()
