@@ -1,5 +1,10 @@
 """VQT, Visual Query Tuning (Tu et al., CVPR 2023), trained from the activation store.
 
+It reads ViTs (timm) and BERT-family text encoders alike: each block is seen
+through its :class:`~frozenlens.methods.vqt.query_attention.BlockParts`. On text
+the batches carry the padding mask (``attention_mask``) and the queries never
+attend to a padded token, so nothing depends on how much padding a batch has.
+
 Every block ``l`` gets ``T`` learnable query tokens. They produce only
 queries: keys and values come from the block's original input tokens, so the
 backbone's activations stay exactly what they were (see
@@ -17,8 +22,10 @@ Blocks are independent given their inputs, so all of them train at once from
 the stored inputs of every block (``embed:tokens``, ``block.{i}:tokens``). A
 fit first computes ``norm1`` of those inputs once (it depends on nothing
 learned) and then trains on that; with streamed taps (``--low-memory``) it
-applies ``norm1`` per minibatch instead, holding no copy. ``docs/methods/vqt.md``
-has the defaults, the measured costs and where this differs from the paper.
+applies ``norm1`` per minibatch instead, holding no copy. A post-norm text
+layer has no ``norm1``: its keys read the stored inputs as they are, and nothing
+is copied. ``docs/methods/vqt.md`` has the defaults, the measured costs and
+where this differs from the paper.
 """
 
 from __future__ import annotations
@@ -33,13 +40,22 @@ from torch.nn import functional as F
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
+from frozenlens.backbones.text import MASK_KEY, TextBackbone
 from frozenlens.errors import ConfigError
 from frozenlens.methods.base import Method, register
 from frozenlens.methods.layers import FeatureHead as _FeatureHead
 from frozenlens.methods.layers import init_kaiming_head as _init_head
 from frozenlens.methods.layers import patch_area as _patch_area
 from frozenlens.methods.layers import strongest_features
-from frozenlens.methods.vqt.query_attention import check_block, input_taps, query_block
+from frozenlens.methods.vqt.query_attention import (
+    BlockParts,
+    backbone_blocks,
+    block_parts,
+    check_block,
+    input_taps,
+    key_mask,
+    query_block,
+)
 from frozenlens.methods.vqt.stacked import StackedVQT, can_stack
 from frozenlens.train.data import TapData
 from frozenlens.train.stacked import train_many
@@ -92,6 +108,7 @@ class VQT(Method):
 
     name = "vqt"
     config_class = VQTConfig
+    modalities = ("image", "text")
     needs_backbone_modules = True
     summary = ("query-only tokens summarise every block (activations untouched); linear head on "
                "final CLS + summaries")
@@ -117,7 +134,8 @@ class VQT(Method):
     # -- description ------------------------------------------------------------------
     @classmethod
     def taps(cls, config: VQTConfig, backbone: dict[str, Any]) -> list[Tap]:
-        """Every block's input tokens and the final CLS token."""
+        """Every block's input tokens and the final CLS token (on text, ``[CLS]``/``<s>``; the
+        padding mask is added by :meth:`~frozenlens.methods.base.Method.tap_keys`)."""
         return input_taps(backbone["depth"]) + [Tap("final", "cls")]
 
     def feature_count(self) -> int:
@@ -152,19 +170,20 @@ class VQT(Method):
         """Each block's query outputs ``(B, T, D)``.
 
         ``batch`` holds the block inputs under their tap keys, or (``normed``) their
-        ``norm1`` under ``norm1.<l>`` as made by :meth:`normed_inputs`. ``blocks``: the
+        ``norm1`` under ``norm1.<l>`` as made by :meth:`normed_inputs`; on text also the
+        padding mask under ``attention_mask`` (bool or float 0/1). ``blocks``: the
         blocks the queries pass through (default: the frozen backbone's; an adapted
         model's when VQT reads features a PETL method adapts, e.g. ``vqt+adaptformer``).
         """
-        blocks = self.frozen_backbone.model.blocks if blocks is None else blocks
-        keys = self._input_keys(normed)
+        blocks = backbone_blocks(self.frozen_backbone) if blocks is None else blocks
+        keys, mask = self._input_keys(normed), key_mask(batch)
         batch_size = batch[keys[0]].shape[0]
         outputs = []
         for layer, (block, key) in enumerate(zip(blocks, keys)):
             queries = self.queries[layer].unsqueeze(0)
             if self.training and self.dropout.p > 0:
                 queries = self.dropout(queries.expand(batch_size, -1, -1))
-            outputs.append(query_block(block, queries, batch[key], normed=normed))
+            outputs.append(query_block(block, queries, batch[key], normed=normed, key_mask=mask))
         return outputs
 
     def features(self, batch: dict[str, torch.Tensor], *, normed: bool,
@@ -220,22 +239,30 @@ class VQT(Method):
 
     @torch.no_grad()
     def normed_inputs(self, data: TapData, chunk: int = 64) -> TapData:
-        """``norm1`` of every block's input (``norm1.<l>``) plus the final CLS token.
+        """``norm1`` of every block's input (``norm1.<l>``) plus the final CLS token (and on
+        text the padding mask): what keys read (:meth:`BlockParts.key_input`).
 
         Kept in the precision of the stored taps (float16 by default: the same memory
         as the raw inputs, and faster to gather per batch than float32); computed in float32.
+        A block whose keys read its input as it is (a post-norm text layer) shares the
+        stored tensor instead of copying it.
         """
-        blocks = self.frozen_backbone.model.blocks
-        device = self.frozen_backbone.device
-        features = {CLS_KEY: data.features[CLS_KEY]}
-        for layer, key in enumerate(self._input_keys(False)):
-            raw = data.features[key]
-            out = torch.empty(raw.shape, dtype=raw.dtype)
-            for start in range(0, raw.shape[0], chunk):
-                normed = blocks[layer].norm1(raw[start:start + chunk].to(device).float())
-                out[start:start + chunk] = normed.to(out.dtype).cpu()
-            features[NORMED_PREFIX + str(layer)] = out
+        features = {k: data.features[k] for k in (CLS_KEY, MASK_KEY) if k in data.features}
+        for layer, (block, key) in enumerate(zip(backbone_blocks(self.frozen_backbone), self._input_keys(False))):
+            parts, raw = block_parts(block), data.features[key]
+            features[NORMED_PREFIX + str(layer)] = raw if parts.key_input_is_identity else self._key_input(
+                parts, raw, chunk)
         return TapData(features, data.labels, data.num_classes)
+
+    def _key_input(self, parts: BlockParts, raw: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``parts.key_input`` of ``raw``, chunk by chunk in float32 on the backbone's device,
+        kept in ``raw``'s precision on the CPU."""
+        device = self.frozen_backbone.device
+        out = torch.empty(raw.shape, dtype=raw.dtype)
+        for start in range(0, raw.shape[0], chunk):
+            normed = parts.key_input(raw[start:start + chunk].to(device).float())
+            out[start:start + chunk] = normed.to(out.dtype).cpu()
+        return out
 
     def _compress(self, source: Any, model: nn.Module, cfg: TrainConfig, progress: bool) -> list[float]:
         """Head2Toe's two stages on the frozen summaries (official code: lr halved in both)."""
@@ -266,9 +293,10 @@ class VQT(Method):
             return [NORMED_PREFIX + str(layer) for layer in range(depth)]
         return [t.key for t in input_taps(depth)]
 
-    def bind(self, backbone: FrozenBackbone) -> None:
-        """Bind the frozen backbone; its blocks must support query-only tokens."""
-        for block in backbone.model.blocks:
+    def bind(self, backbone: FrozenBackbone | TextBackbone) -> None:
+        """Bind the frozen backbone (a ViT or a BERT-family text encoder); its blocks must support
+        query-only tokens."""
+        for block in backbone_blocks(backbone):
             check_block(block)
         super().bind(backbone)
 

@@ -6,7 +6,8 @@ rows of one :func:`~frozenlens.methods.vqt.query_attention.query_block` call,
 ``C * T`` of them per block instead of ``T``: the scores become one
 ``(B, C*H*T, N)`` product over the stored tokens instead of ``C`` skinny ones,
 and the frozen MLP runs on ``C`` times more rows at once. Each configuration
-keeps its own queries and head.
+keeps its own queries and head. On text the batch's padding mask applies to
+every configuration's queries alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from frozenlens.methods.vqt.query_attention import query_block
+from frozenlens.methods.vqt.query_attention import backbone_blocks, key_mask, query_block
 from frozenlens.train.stacked import StackedView, copy_back, stack_parameters
 
 if TYPE_CHECKING:
@@ -34,13 +35,14 @@ def can_stack(methods: Sequence["VQT"]) -> bool:
 
 
 class StackedVQT(StackedView):
-    """``C`` VQT models on stored ``norm1`` inputs: queries ``(C, L, T, D)``, heads ``(C, K, F)``."""
+    """``C`` VQT models on stored ``norm1`` inputs (on text: the inputs and their padding mask):
+    queries ``(C, L, T, D)``, heads ``(C, K, F)``."""
 
     def __init__(self, methods: Sequence["VQT"], cls_key: str, input_keys: Sequence[str]):
         super().__init__()
         self.methods = list(methods)
         first = methods[0]
-        self.blocks = [first.frozen_backbone.model.blocks]   # a list: frozen, not a submodule
+        self.blocks = [backbone_blocks(first.frozen_backbone)]   # a list: frozen, not a submodule
         self.cls_key, self.input_keys = cls_key, list(input_keys)
         self.normalize = first.config.normalize
         self.dropout = nn.Dropout(first.config.query_dropout)
@@ -52,7 +54,7 @@ class StackedVQT(StackedView):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         configs, _, tokens, dim = self.queries.shape
-        cls_token = batch[self.cls_key]
+        cls_token, mask = batch[self.cls_key], key_mask(batch)
         size = cls_token.shape[0]
         parts = [(F.normalize(cls_token, dim=-1) if self.normalize else cls_token).unsqueeze(1).expand(-1, configs, -1)]
         for layer, (block, key) in enumerate(zip(self.blocks[0], self.input_keys)):
@@ -62,7 +64,8 @@ class StackedVQT(StackedView):
                 queries = queries.reshape(size, configs * tokens, dim)          # per image
             else:
                 queries = queries.reshape(1, configs * tokens, dim)             # shared by every image
-            out = query_block(block, queries, batch[key], normed=True).reshape(size, configs, tokens * dim)
+            out = query_block(block, queries, batch[key], normed=True, key_mask=mask)
+            out = out.reshape(size, configs, tokens * dim)
             parts.append(F.normalize(out, dim=-1) if self.normalize else out)
         features = torch.cat(parts, dim=-1).transpose(0, 1)                      # (C, B, F)
         if self.selected is not None:
