@@ -13,6 +13,10 @@ Open-InCA has one query per class and reads the logit of class c from query
 c's output alone, so classes can be added later (:meth:`OpenInCA.add_classes`)
 without changing the logits of the old ones.
 
+On a text backbone every batch also holds the padding mask
+(:func:`~frozenlens.methods.layers.token_mask`): padded tokens get zero attention weight in
+every adapter, so logits do not depend on how much a text was padded.
+
 ``docs/methods/inca.md`` describes how this reads the paper and where it deviates.
 """
 
@@ -31,6 +35,7 @@ from torch.nn import functional as F
 from frozenlens.backbones.taps import Tap, block_tap
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
+from frozenlens.methods.layers import token_mask
 from frozenlens.train.data import TapData
 from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import TrainConfig, train
@@ -119,7 +124,8 @@ class StackedCrossAttention(nn.Module):
     attention with its own LayerNorms. Because the queries are few, the key
     projection is applied to the queries (``(W_k^T q) . x`` instead of ``q . (W_k x)``)
     and the value projection after attention-pooling (``W_v (sum_t a_t x_t)``):
-    the same result, without projecting every token.
+    the same result, without projecting every token. A padding mask ``(B, T)`` (text
+    backbones; True = real token) gives padded tokens zero attention weight.
     """
 
     def __init__(self, slots: int, dim: int, num_heads: int, eps: float = 1e-6):
@@ -149,15 +155,20 @@ class StackedCrossAttention(nn.Module):
         """The parameter-free part of the input LayerNorm, ``(L, B, T, D)``; shared by query groups."""
         return F.layer_norm(tokens, tokens.shape[-1:], eps=self.eps)
 
-    def attend(self, normed: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Outputs ``(L, B, M, D)`` of queries ``(L, M, D)`` attending to ``normed`` tokens."""
+    def attend(self, normed: torch.Tensor, queries: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs ``(L, B, M, D)`` of queries ``(L, M, D)`` attending to ``normed`` tokens, only to
+        the real ones when a padding ``mask`` ``(B, T)`` is given."""
         slots, _, _, dim = normed.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = torch.baddbmm(self.q_bias.unsqueeze(1), queries, self.q_weight.transpose(1, 2))
         q = q.view(slots, -1, heads, head_dim)
         keys = torch.einsum("lmhe,lhed->lmhd", q, self.k_weight.view(slots, heads, head_dim, dim))
         keys = keys * (self.norm_weight[:, None, None, :] / math.sqrt(head_dim))
-        weights = torch.einsum("lbtd,lmhd->lbmht", normed, keys).softmax(dim=-1)
+        scores = torch.einsum("lbtd,lmhd->lbmht", normed, keys)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))   # (B, 1, 1, T)
+        weights = scores.softmax(dim=-1)
         pooled = torch.einsum("lbmht,lbtd->lbmhd", weights, normed)
         pooled = pooled * self.norm_weight[:, None, None, None] + self.norm_bias[:, None, None, None]
         values = torch.einsum("lbmhd,lhed->lbmhe", pooled, self.v_weight.view(slots, heads, head_dim, dim))
@@ -308,9 +319,11 @@ class ParallelAdapters(Method):
 
     Subclasses provide :meth:`query_groups`: query tokens ``(L, M, D)`` and the readout
     turning their outputs ``(L, B, M, D)`` into logits ``(L, B, C)``. Groups are
-    computed separately and their logits concatenated along the class axis.
+    computed separately and their logits concatenated along the class axis. Works on ViTs and
+    on text encoders (padded tokens masked in every adapter's attention).
     """
 
+    modalities = ("image", "text")
     config_class = ParallelAdapterConfig
     train_defaults = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=50,
                                  warmup_epochs=5, batch_size=64)
@@ -337,6 +350,11 @@ class ParallelAdapters(Method):
         return resolve_layers(self.config.layers, self.backbone_info["depth"])
 
     @property
+    def token_keys(self) -> list[str]:
+        """Keys of the token maps read, in slot order (:meth:`tap_keys` without the padding mask)."""
+        return [tap.key for tap in self.taps(self.config, self.backbone_info)]
+
+    @property
     def num_slots(self) -> int:
         """Adapters held."""
         return len(self.layers)
@@ -353,8 +371,9 @@ class ParallelAdapters(Method):
 
     def slot_logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of every slot, ``(L, B, C)``."""
-        normed = self.attn.normalize(torch.stack([features[k] for k in self.tap_keys()]))
-        return torch.cat([readout(self.attn.attend(normed, queries))
+        normed = self.attn.normalize(torch.stack([features[k] for k in self.token_keys]))
+        mask = token_mask(features)
+        return torch.cat([readout(self.attn.attend(normed, queries, mask))
                           for queries, readout in self.query_groups()], dim=-1)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""Small building blocks shared by methods: standardisation, heads, group lasso, LoRA."""
+"""Small building blocks shared by methods: standardisation, heads, group lasso, LoRA, padding masks."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from frozenlens.backbones.text import MASK_KEY
 from frozenlens.errors import FrozenlensError
 from frozenlens.train.stacked import StackedView, copy_back, stack_parameters
 
@@ -15,6 +16,35 @@ from frozenlens.train.stacked import StackedView, copy_back, stack_parameters
 def concat_taps(features: dict[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
     """Flatten each tap to ``(B, -1)`` and concatenate them in ``keys`` order."""
     return torch.cat([features[k].flatten(1) for k in keys], dim=1)
+
+
+# -- padding masks (text backbones) --------------------------------------------------------
+def token_mask(features: Mapping[str, Any]) -> torch.Tensor | None:
+    """The padding mask of a text batch as bool ``(B, T)`` (True = real token), or None when
+    ``features`` hold none (image backbones: every token is real).
+
+    The mask arrives under :data:`~frozenlens.backbones.text.MASK_KEY` as bool (from
+    ``forward_taps``) or as float 0./1. (from a store, cast to float32 per batch).
+    """
+    mask = features.get(MASK_KEY)
+    if mask is None:
+        return None
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
+def mask_keys(features: Mapping[str, Any]) -> list[str]:
+    """``[MASK_KEY]`` when ``features`` carry a padding mask, else ``[]``: for helpers that
+    rebuild a method's data from some of its taps and must keep the mask beside them."""
+    return [MASK_KEY] if MASK_KEY in features else []
+
+
+def masked_token_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``tokens`` ``(B, T, D)`` over its real tokens (``mask`` ``(B, T)`` True), or over
+    all of them when ``mask`` is None (exactly ``tokens.mean(1)``)."""
+    if mask is None:
+        return tokens.mean(1)
+    keep = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
 class Standardize(nn.Module):

@@ -18,6 +18,11 @@ against: one such block per backbone block, side block ``i`` taking the previous
 side output plus block ``i``'s output tokens (MIST's Eq. 2), starting from the
 embedding output; the same head reads the last side output.
 
+On a text backbone (``modalities`` includes ``"text"``) every batch also holds the padding
+mask (:func:`~frozenlens.methods.layers.token_mask`): padded tokens are never keys of an
+attention block and never enter a mean-pooled head, so logits do not depend on how much a
+text was padded. The gather itself needs no mask: padded rows of the stored maps are zero.
+
 ``docs/methods/mist.md`` gives the defaults, the parameter counts next to the
 paper's, the measured costs, and where this differs from the papers.
 """
@@ -34,6 +39,7 @@ from torch.nn import functional as F
 from frozenlens.backbones.taps import MethodSite, Tap, block_tap, register_site
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods.base import Method, register
+from frozenlens.methods.layers import mask_keys, masked_token_mean, token_mask
 from frozenlens.methods.selection import fit_selecting
 from frozenlens.train.data import TapData
 from frozenlens.train.stacked import train_many
@@ -116,13 +122,15 @@ def gather_depths_in(keys: Iterable[str]) -> list[int]:
 
 
 def gathered_data(data: TapData, k: int, chunk: int = 128) -> TapData:
-    """``data`` with g_k computed once (key ``gather.<k>:tokens``, float32) instead of its block taps."""
+    """``data`` with g_k computed once (key ``gather.<k>:tokens``, float32) instead of its block taps,
+    and the padding mask (text backbones) kept beside it."""
     first = gather({key: value[:1] for key, value in data.features.items()}, k)
     out = torch.empty((len(data), *first.shape[1:]), dtype=torch.float32)
     for start in range(0, len(data), chunk):
         part = {key: value[start:start + chunk] for key, value in data.features.items()}
         out[start:start + chunk] = gather(part, k)
-    return TapData({gather_key(k): out}, data.labels, data.num_classes)
+    mask = {key: data.features[key] for key in mask_keys(data.features)}
+    return TapData({gather_key(k): out, **mask}, data.labels, data.num_classes)
 
 
 # -- the edge network -----------------------------------------------------------------------
@@ -134,6 +142,8 @@ class LowRankAttentionBlock(nn.Module):
     The low-rank attention block of LAST and of MIST's LAE: D -> ``qkv_dim`` for
     queries, keys and values, scaled dot-product attention over all tokens in
     ``num_heads`` heads of ``qkv_dim / num_heads``, ``qkv_dim`` -> D, residual.
+    With a padding mask ``(B, T)`` (True = real token) padded tokens are no query's keys;
+    their own rows are still computed, but nothing downstream reads them.
     """
 
     def __init__(self, dim: int, qkv_dim: int = 16, num_heads: int = 1, eps: float = 1e-6):
@@ -146,15 +156,17 @@ class LowRankAttentionBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * qkv_dim)
         self.proj = nn.Linear(qkv_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        keys = None if mask is None else mask[:, None, None, :]   # (B, 1, 1, T): keys only
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=keys)
         return x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class TokenHead(nn.Module):
-    """Final LayerNorm, then a linear classifier on the class token (or the mean token)."""
+    """Final LayerNorm, then a linear classifier on the class token (or the mean token: the
+    mean over real tokens when a padding mask is given)."""
 
     def __init__(self, dim: int, num_classes: int, pool: str, eps: float = 1e-6):
         super().__init__()
@@ -162,9 +174,9 @@ class TokenHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.fc = nn.Linear(dim, num_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         normed = self.norm(tokens)
-        return self.fc(normed[:, 0] if self.pool == "cls" else normed.mean(1))
+        return self.fc(normed[:, 0] if self.pool == "cls" else masked_token_mean(normed, mask))
 
 
 def init_side_network(module: nn.Module) -> None:
@@ -188,8 +200,9 @@ class SideConfig:
     Attributes:
         qkv_dim: query/key/value width of every attention block (paper: 16 for D=768).
         heads: attention heads sharing that width.
-        pool: what the head reads after the final LayerNorm: ``"cls"`` (class token)
-            or ``"mean"`` (mean of all tokens, for backbones without a class token).
+        pool: what the head reads after the final LayerNorm: ``"cls"`` (class token,
+            ``[CLS]`` on a text backbone) or ``"mean"`` (mean of all tokens, padding excluded,
+            for backbones without a class token).
     """
 
     qkv_dim: int = 16
@@ -221,8 +234,12 @@ class MISTConfig(SideConfig):
 
 
 class SideNetwork(Method):
-    """Low-rank attention blocks on stored token maps, then :class:`TokenHead` (MIST, LAST)."""
+    """Low-rank attention blocks on stored token maps, then :class:`TokenHead` (MIST, LAST).
 
+    Works on ViTs and on text encoders; :meth:`classify` masks padding (see the module docstring).
+    """
+
+    modalities = ("image", "text")
     config_class = SideConfig
     train_defaults = SIDE_TRAIN_DEFAULTS
     grid = SIDE_GRID
@@ -238,6 +255,21 @@ class SideNetwork(Method):
                                     for _ in range(blocks))
         self.head = TokenHead(dim, num_classes, config.pool)
         init_side_network(self)
+
+    def side_blocks(self, x: torch.Tensor, mask: torch.Tensor | None,
+                    inputs: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Run the attention blocks on ``x`` ``(B, T, D)``, block ``i`` reading its input plus
+        ``inputs[i]`` when given (LAST's Eq. 2), padded keys masked; returns the last output."""
+        for index, block in enumerate(self.blocks):
+            x = block(x + inputs[index] if inputs else x, mask)
+        return x
+
+    def classify(self, x: torch.Tensor, features: dict[str, torch.Tensor],
+                 inputs: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Logits: :meth:`side_blocks` on ``x`` then the head, with the padding mask of ``features``
+        (None on images)."""
+        mask = token_mask(features)
+        return self.head(self.side_blocks(x, mask, inputs), mask)
 
     def reset_trainable(self, seed: int) -> None:
         """Re-initialise every block and the head from ``seed`` (see :func:`init_side_network`)."""
@@ -295,10 +327,7 @@ class MIST(SideNetwork):
         if not self.config.gather_depth:
             raise FrozenlensError("mist: gather_depth is still 0 (to be chosen): fit the model first, "
                                   "or build it with gather_depth=k")
-        x = gather(features, self.config.gather_depth)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        return self.classify(gather(features, self.config.gather_depth), features)
 
     def fit(self, data: TapData, cfg: TrainConfig, *, val: TapData | None = None,
             progress: bool = False) -> list[float]:
@@ -330,7 +359,8 @@ class MIST(SideNetwork):
         for model in models:
             k = model.config.gather_depth
             if k not in ready:
-                ready[k] = data.subset([gather_key(k)]) if gather_key(k) in data.features else gathered_data(data, k)
+                ready[k] = (data.subset([gather_key(k), *mask_keys(data.features)]) if gather_key(k) in data.features
+                            else gathered_data(data, k))
         for model, cfg in zip(models, cfgs):
             model.reset_trainable(cfg.seed)
         inputs = [ready[m.config.gather_depth] for m in models]
@@ -356,7 +386,5 @@ class LAST(SideNetwork):
         return gather_taps(backbone["depth"], backbone["depth"])
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        y = features[EMBED_KEY].float()
-        for index, block in enumerate(self.blocks):
-            y = block(y + features[block_tap(index).key].float())
-        return self.head(y)
+        outputs = [features[block_tap(index).key].float() for index in range(len(self.blocks))]
+        return self.classify(features[EMBED_KEY].float(), features, outputs)
