@@ -326,6 +326,25 @@ def test_variational_loss_trains_feed_down_to_invert_its_block(tiny_backbone):
     torch.testing.assert_close(loss, total)
 
 
+def test_mean_pooling_and_the_variational_weight_are_shared_settings(tiny_backbone):
+    """``pool`` and ``variational_weight`` (the text variant's settings) mean the same on images;
+    with the default weight 0 fitting uses the shared trainer's plain cross-entropy."""
+    from frozenlens.methods.toast.model import _objective, steering_objective
+    from frozenlens.train.trainer import cross_entropy_objective
+
+    method = build_method("toast", {"pool": "mean", "variational_weight": 0.1}, tiny_backbone, 3)
+    _strong_feedback(method)
+    images, labels = _images(tiny_backbone), torch.tensor([0, 2])
+    with torch.no_grad():
+        passes = method.passes(images, record_blocks=True)
+        torch.testing.assert_close(passes.logits, method.head(passes.tokens[:, 1:].mean(dim=1)))
+        loss, _ = steering_objective(method, {"images": images}, labels, 0.0)
+        expected = F.cross_entropy(passes.logits, labels) + 0.1 * method.variational_loss(passes)
+    torch.testing.assert_close(loss, expected)
+    assert _objective([method]) is steering_objective
+    assert _objective([build_method("toast", None, tiny_backbone, 3)]) is cross_entropy_objective
+
+
 def test_pretune_then_fit_from_it_through_the_cli(tiny_task, tmp_path, capsys):
     from safetensors.torch import load_file
 

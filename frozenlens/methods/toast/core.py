@@ -123,17 +123,21 @@ def run_feedback(layers: nn.ModuleDict, order: Iterable[Hashable], selected: tor
 
 
 def variational_loss(layers: nn.ModuleDict, inputs: dict[Hashable, torch.Tensor],
-                     outputs: dict[Hashable, torch.Tensor]) -> torch.Tensor:
+                     outputs: dict[Hashable, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over recorded layers of ``MSE(feed_down(output of layer l), input of layer l)``.
 
     Both sides are detached: the loss trains only the feedback maps to invert their
     layer (the variational loss of Shi et al., 2023, as in the reference code).
+    ``mask`` (``(B, T)`` boolean, True = real token) restricts the MSE to the real
+    positions of padded text batches ``(B, T, D)``; padding never enters the loss.
     """
     terms = []
     for key in inputs:
         feed_down = layers[str(key)].feed_down
-        target = inputs[key].detach()
-        reconstruction = feed_down(outputs[key].detach().to(_dtype_of(feed_down, target.dtype)))
+        target, output = inputs[key].detach(), outputs[key].detach()
+        if mask is not None:
+            target, output = target[mask], output[mask]
+        reconstruction = feed_down(output.to(_dtype_of(feed_down, target.dtype)))
         terms.append(F.mse_loss(reconstruction.float(), target.float()))
     return torch.stack(terms).sum()
 

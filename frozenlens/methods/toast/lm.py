@@ -13,7 +13,8 @@ The four steps are those of the ViT variant (:mod:`.model`), on text positions:
 Step 4 never re-implements a Hugging Face attention: in an edited *view* of the
 model (:func:`frozenlens.backbones.hooks.edited_model`, the mechanism every
 in-loop method uses) each layer's value projection is replaced by a wrapper
-returning ``proj(X) + W_v X_td``. Whatever attention kernel, rotary embedding,
+returning ``proj(X) + W_v X_td`` (:class:`~.hf.ValueInput`, shared with the BERT variant,
+:mod:`.bert`). Whatever attention kernel, rotary embedding,
 grouped-query layout or mask the model uses then runs unchanged. Supported value
 projections (:func:`value_sites`): a separate ``v_proj`` ``nn.Linear`` (LLaMA,
 Mistral, Qwen2, Gemma, OPT, ...) and GPT-2's fused ``c_attn`` ``Conv1D`` (its value
@@ -48,6 +49,11 @@ from frozenlens.backbones.hooks import Edits, edited_model
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.extras import require
 from frozenlens.methods.toast.core import FeatureSelection, FeedbackLayer, run_feedback, variational_loss
+from frozenlens.methods.toast.hf import ValueInput, ValueSite, record_edits, value_edits
+
+__all__ = ["IGNORE_INDEX", "LMLoss", "LMPasses", "TOASTForCausalLM", "TOASTLMConfig", "ValueInput", "ValueSite",
+           "load_causal_lm", "load_lm_adapter", "model_identity", "next_token_loss", "read_lm_adapter_meta",
+           "value_sites"]
 
 _log = logging.getLogger("frozenlens")
 
@@ -65,21 +71,6 @@ _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
 # -- where the value input goes -------------------------------------------------------------
-@dataclass(frozen=True)
-class ValueSite:
-    """One decoder layer of a causal LM and the module that projects its values.
-
-    Attributes:
-        layer: path of the decoder layer inside the model (e.g. ``model.layers.3``).
-        proj: path of its value projection (``...self_attn.v_proj``) or fused ``c_attn``.
-        kind: ``"linear"`` (``v_proj``) or ``"fused"`` (GPT-2's ``c_attn``).
-    """
-
-    layer: str
-    proj: str
-    kind: str
-
-
 def _attention_of(layer: nn.Module) -> tuple[str, nn.Module] | None:
     for name in _ATTENTION_NAMES:
         child = getattr(layer, name, None)
@@ -138,51 +129,6 @@ def value_sites(model: nn.Module) -> list[ValueSite]:
         return sites
     raise FrozenlensError(f"{name}: found no list of decoder layers with attention modules; TOAST-LM needs a "
                           "Hugging Face decoder-only causal LM (LLaMA, Mistral, GPT-2, ...)")
-
-
-class ValueInput(nn.Module):
-    """Stand-in for a value projection in a view: ``proj(X) + W_v X_td`` (no second bias).
-
-    For a fused GPT-2 ``c_attn`` (``Conv1D``, ``y = x W + b`` with ``W`` (D, 3D)) only
-    the value third of the output changes; queries and keys are ``c_attn(X)``'s own.
-    With a zero signal the output equals ``proj(X)`` bit for bit.
-
-    Attributes:
-        proj: the frozen projection (used as it is).
-        signal: ``X_td`` ``(B, T, D)``, the same positions as the projection's input.
-        kind: ``"linear"`` or ``"fused"`` (see :class:`ValueSite`).
-    """
-
-    def __init__(self, proj: nn.Module, signal: torch.Tensor, kind: str):
-        super().__init__()
-        self.proj, self.signal, self.kind = proj, signal, kind
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.signal.shape != x.shape:
-            raise FrozenlensError(f"top-down signal of shape {tuple(self.signal.shape)} for a value input of "
-                                  f"shape {tuple(x.shape)}: the two passes must see the same positions")
-        out = self.proj(x)
-        signal = self.signal.to(out.dtype)
-        if self.kind == "linear":
-            return out + F.linear(signal, self.proj.weight)
-        width = out.shape[-1] // 3
-        return out + F.pad(signal @ self.proj.weight[:, 2 * width:], (2 * width, 0))
-
-
-class _Recorded(nn.Module):
-    """A decoder layer in a view that records its input and output hidden states."""
-
-    def __init__(self, layer: nn.Module, index: int, inputs: dict[int, torch.Tensor],
-                 outputs: dict[int, torch.Tensor]):
-        super().__init__()
-        self.layer, self.index = layer, index
-        self._inputs, self._outputs = inputs, outputs
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._inputs[self.index] = args[0] if args else kwargs["hidden_states"]
-        out = self.layer(*args, **kwargs)
-        self._outputs[self.index] = out if isinstance(out, torch.Tensor) else out[0]
-        return out
 
 
 def _cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
@@ -311,13 +257,11 @@ class TOASTForCausalLM(nn.Module):
             z = base(input_ids=input_ids, attention_mask=attention_mask,
                      **_cache_kwargs(base, caches[0] if caches else None)).last_hidden_state
         signals = self.feedback_signals(z)
-        edits: dict[str, nn.Module | Callable[[nn.Module], nn.Module]] = {
-            site.proj: _value_edit(signals[i], site.kind) for i, site in enumerate(self.sites)}
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
+        edits: dict[str, nn.Module | Callable[[nn.Module], nn.Module]] = value_edits(self.sites, signals)
         if record_layers:
-            for i, site in enumerate(self.sites):
-                edits[site.layer] = _record_edit(i, inputs, outputs)
+            edits.update(record_edits(self.sites, range(self.depth), inputs, outputs))
         view = edited_model(model, Edits(modules=edits))
         out = view(input_ids=input_ids, attention_mask=attention_mask,
                    **_cache_kwargs(model, caches[1] if caches else None))
@@ -337,9 +281,8 @@ class TOASTForCausalLM(nn.Module):
         passes = self.passes(input_ids, attention_mask, record_layers=weight > 0)
         next_token = next_token_loss(passes.logits, labels)
         if weight > 0:
-            keep = attention_mask.bool()
-            variational = variational_loss(self.feedback, {i: x[keep] for i, x in passes.layer_inputs.items()},
-                                           {i: y[keep] for i, y in passes.layer_outputs.items()})
+            variational = variational_loss(self.feedback, passes.layer_inputs, passes.layer_outputs,
+                                           attention_mask.bool())
         else:
             variational = next_token.new_zeros(())
         return LMLoss(next_token + weight * variational, next_token, variational)
@@ -415,15 +358,6 @@ class TOASTForCausalLM(nn.Module):
             raise AdapterError(f"{path}: its tensors do not match this TOAST ({len(state)} vs {len(own)} "
                                "tensors, or other shapes); it was made with other settings or another model")
         self.load_state_dict(state)
-
-
-def _value_edit(signal: torch.Tensor, kind: str) -> Callable[[nn.Module], nn.Module]:
-    return lambda proj: ValueInput(proj, signal, kind)
-
-
-def _record_edit(index: int, inputs: dict[int, torch.Tensor], outputs: dict[int, torch.Tensor],
-                 ) -> Callable[[nn.Module], nn.Module]:
-    return lambda layer: _Recorded(layer, index, inputs, outputs)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

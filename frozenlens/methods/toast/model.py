@@ -15,7 +15,14 @@ with the language-model (:mod:`.lm`) and ConvNeXt (:mod:`.convnext`) variants:
 4. **Pass 2**: the backbone runs again with every attention taking the top-down
    signal into its values only, ``V = W_v (X + X_td)``, ``Q, K`` from ``X`` alone
    (:func:`frozenlens.backbones.hooks.attention`, installed per forward through
-   :mod:`frozenlens.backbones.hooks`). A linear head reads the CLS token of pass 2.
+   :mod:`frozenlens.backbones.hooks`). A linear head reads the CLS token of pass 2
+   (``pool=mean``: the mean token instead; on text the default is the masked mean).
+
+The same method runs on a frozen BERT-family text encoder
+(:class:`~frozenlens.backbones.text.TextBackbone`, ``Method.modalities``): batches are
+tokenized texts (:mod:`frozenlens.train.texts`) and the passes are :mod:`.bert`'s
+(value-input edits of every ``BertSelfAttention``, padding masked out of the feature
+selection, the pooling and the variational loss); everything else is shared.
 
 The backbone stays frozen; TOAST trains the feature selection (``xi`` and ``P``),
 the feedback path and the head, as the paper tunes the whole top-down module in
@@ -26,8 +33,9 @@ Early feedback feeds back from a middle block (pass 1 stops there); late feedbac
 sends top-down signals to the upper half only and reuses pass 1's lower half.
 Pre-tuning (:func:`pretune`) trains the modules on a general image collection with
 task loss + 0.03 x the variational loss (each feedback layer reconstructs its
-block's input from the block's output). ``docs/methods/toast.md`` has the defaults,
-the measured FLOPs and the deviations from the paper.
+block's input from the block's output); ``variational_weight`` adds the same loss to
+fitting (off by default: the paper tunes with the task loss alone). ``docs/methods/toast.md``
+has the defaults, the measured FLOPs and the deviations from the paper.
 """
 
 from __future__ import annotations
@@ -35,23 +43,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_input
+from frozenlens.backbones.text import MASK_KEY, TextBackbone
 from frozenlens.errors import AdapterError, FrozenlensError
-from frozenlens.methods.base import Method, register
+from frozenlens.methods.base import Method, backbone_modality, register
 from frozenlens.methods.layers import init_kaiming_head
 from frozenlens.methods.toast.core import FeatureSelection, FeedbackLayer, run_feedback, variational_loss
+from frozenlens.train.stacked import train_many
+from frozenlens.train.trainer import Objective, TrainConfig, cross_entropy_objective, seeded, train
 
 __all__ = ["TOAST", "TOASTLite", "TOASTConfig", "TOASTLiteConfig", "TOASTPasses", "FeatureSelection",
-           "FeedbackLayer", "FeedbackPlan", "run_feedback", "variational_loss"]
-from frozenlens.train.trainer import TrainConfig, seeded
+           "FeedbackLayer", "FeedbackPlan", "run_feedback", "steering_objective", "variational_loss"]
 
 FEEDBACK_MODES = ("full", "early", "late")
+POOLS = ("auto", "cls", "mean")
 
 
 # -- which blocks take part -----------------------------------------------------------
@@ -105,12 +117,33 @@ class TOASTConfig:
             ``P`` included, is tuned in pre-tuning and tuning; its ablation freezing
             ``P`` with the feedback path loses 11.5 points). False keeps ``P`` at its
             start (the identity, or the pre-tuned ``P``), as the reference code's TOAST.
+        pool: what the head reads from pass 2: ``"cls"`` (the class token, as the paper and
+            its reference code; the mean token on backbones without one), ``"mean"`` (the
+            mean token: over the patch tokens of an image; over the real tokens of a text,
+            ``[CLS]`` and ``[SEP]`` included and padding excluded, as sentence-transformers
+            pools) or ``"auto"`` (default: ``cls`` on images, ``mean`` on text, the pooling
+            each backbone was trained to be read with; all-MiniLM-L6-v2 was trained on its
+            mean token, and its CLS output never was).
+        variational_weight: weight of the variational loss (every feedback layer
+            reconstructs its layer's input from its output) added to the task loss when
+            fitting. 0 (default): the paper's tuning stage, task loss only (it uses the
+            loss in pre-tuning, weight 0.03); TOAST-LM trains with 0.01.
     """
 
     feedback: str = "full"
     middle: int = 0
     pretuned: str = ""
     tune_p: bool = True
+    pool: str = "auto"
+    variational_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse a pooling or variational weight that cannot work (the message names the value)."""
+        if self.pool not in POOLS:
+            raise FrozenlensError(f"pool={self.pool!r}: use one of {', '.join(POOLS)}")
+        weight = self.variational_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise FrozenlensError(f"variational_weight={weight!r}: use a number of 0 or more (0: off)")
 
 
 @dataclass
@@ -138,7 +171,9 @@ class TOASTPasses:
         block_inputs, block_outputs: pass 2's input and output of every block with a
             feedback layer (only when asked: the variational loss reads them).
         attention: ``{"pass1": ..., "pass2": ...}`` attention probabilities
-            ``(B, heads, T, T)`` of the last block each pass ran (only when asked).
+            ``(B, heads, T, T)`` of the last block each pass ran (only when asked; images).
+        mask: ``(B, T)`` boolean, True at real tokens (text); None for images. Padded
+            positions of ``tokens`` and ``token_weights`` are zero.
     """
 
     logits: torch.Tensor
@@ -147,6 +182,7 @@ class TOASTPasses:
     block_inputs: dict[int, torch.Tensor]
     block_outputs: dict[int, torch.Tensor]
     attention: dict[str, torch.Tensor]
+    mask: torch.Tensor | None = None
 
 
 @register
@@ -155,6 +191,7 @@ class TOAST(Method):
 
     name = "toast"
     in_loop = True
+    modalities = ("image", "text")
     config_class = TOASTConfig
     summary = ("top-down attention steering: pass 1, feature selection, feedback into every "
                "attention's values, pass 2 (backbone in the loop, 2x FLOPs; feedback=early|late ~1.5x)")
@@ -162,9 +199,13 @@ class TOAST(Method):
                                  epochs=100, warmup_epochs=10, batch_size=32)
     grid = {"lr": [lr / 256 * 32 for lr in (1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01)],
             "weight_decay": [1e-2, 1e-3, 1e-4, 0.0]}
+
     def __init__(self, config: TOASTConfig, backbone: dict[str, Any], num_classes: int):
         super().__init__(config, backbone, num_classes)
         dim = backbone["dim"]
+        self.modality = backbone_modality(backbone)
+        self.pool = config.pool if config.pool != "auto" else ("mean" if self.modality == "text" else "cls")
+        self._steering: list[Any] = []  # the text encoder's passes (bert.EncoderSteering), once bound
         self.plan = FeedbackPlan.make(config.feedback, backbone["depth"], config.middle)
         rank, alpha = getattr(config, "lora_rank", 0), getattr(config, "lora_alpha", 1.0)
         if isinstance(config, TOASTLiteConfig) and rank < 1:
@@ -180,8 +221,16 @@ class TOAST(Method):
         """None: TOAST runs the backbone itself (in the loop)."""
         return []
 
-    def bind(self, backbone: FrozenBackbone) -> None:
-        """Bind the frozen backbone; the top-down signal needs timm's standard ``Attention``."""
+    def bind(self, backbone: FrozenBackbone | TextBackbone) -> None:
+        """Bind the frozen backbone; the top-down signal needs timm's standard ``Attention``
+        (image) or supported value projections (text, :func:`.bert.encoder_value_sites`)."""
+        if self.modality == "text":
+            from frozenlens.methods.toast.bert import EncoderSteering
+
+            steering = EncoderSteering(backbone.model)
+            super().bind(backbone)
+            self._steering[:] = [steering]
+            return
         from timm.layers import Attention
 
         for index, block in enumerate(backbone.model.blocks):
@@ -234,8 +283,16 @@ class TOAST(Method):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of pass 2 for ``batch["images"]`` (preprocessed, ``(B, 3, H, W)``)."""
-        return self.passes(batch["images"]).logits
+        """Logits of pass 2 for ``batch["images"]`` (preprocessed, ``(B, 3, H, W)``) on an image
+        backbone, or a tokenized batch (``input_ids``, ``attention_mask``[, ``token_type_ids``]:
+        :func:`frozenlens.train.texts.text_batch`) on a text backbone."""
+        return self.run(batch).logits
+
+    def run(self, batch: dict[str, torch.Tensor], *, record_blocks: bool = False) -> TOASTPasses:
+        """:meth:`passes` (images) or :meth:`text_passes` (text) of one batch, by the backbone's modality."""
+        if self.modality == "text":
+            return self.text_passes(batch, record_blocks=record_blocks)
+        return self.passes(batch["images"], record_blocks=record_blocks)
 
     def passes(self, images: torch.Tensor, *, record_blocks: bool = False,
                keep_attention: bool = False) -> TOASTPasses:
@@ -246,9 +303,33 @@ class TOAST(Method):
         inputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
         outputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
         tokens = self._second_pass(lower, signals, kept.get("pass2"), inputs, outputs)
-        logits = self.head(_pooled(tokens, self.frozen_backbone.num_prefix_tokens))
+        logits = self.head(_pooled(tokens, self.frozen_backbone.num_prefix_tokens, self.pool))
         return TOASTPasses(logits, tokens, self.selection.token_weights(z), _only(inputs, signals),
                            _only(outputs, signals), {name: weights[0] for name, weights in kept.items()})
+
+    def text_passes(self, batch: dict[str, torch.Tensor], *, record_blocks: bool = False) -> TOASTPasses:
+        """Pass 1, feature selection, feedback and pass 2 for a tokenized text batch.
+
+        Padded positions are zeroed before the feature selection (so their top-down
+        signal is zero too) and in pass 2's tokens; the pooling and the variational loss
+        read real tokens only, and attention never reads a padded key (the model's mask).
+        """
+        if not self._steering:
+            raise FrozenlensError(f"{self.name}: bind the text backbone first (build_method(..., backbone=...))")
+        steering, plan = self._steering[0], self.plan
+        inputs = steering.inputs(batch)
+        mask = inputs[MASK_KEY].bool()
+        padded = ~mask.unsqueeze(-1)
+        first = steering.first_pass(inputs, plan.source, plan.pass2_start)
+        z = first.z.masked_fill(padded, 0)
+        signals = self.feedback_signals(self.selection(z))
+        block_inputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
+        block_outputs: dict[int, torch.Tensor] | None = {} if record_blocks else None
+        tokens = steering.second_pass(inputs, signals, first, plan.pass2_start, block_inputs, block_outputs)
+        tokens = tokens.masked_fill(padded, 0)
+        logits = self.head(_pooled(tokens, self.frozen_backbone.num_prefix_tokens, self.pool, mask))
+        return TOASTPasses(logits, tokens, self.selection.token_weights(z), block_inputs or {}, block_outputs or {},
+                           {}, mask)
 
     @torch.no_grad()
     def _first_pass(self, images: torch.Tensor, keep: list[torch.Tensor] | None,
@@ -283,8 +364,23 @@ class TOAST(Method):
         return run_feedback(self.feedback, reversed(self.plan.layers), selected)
 
     def variational_loss(self, passes: TOASTPasses) -> torch.Tensor:
-        """The variational loss of ``passes`` (made with ``record_blocks=True``)."""
-        return variational_loss(self.feedback, passes.block_inputs, passes.block_outputs)
+        """The variational loss of ``passes`` (made with ``record_blocks=True``; real tokens only)."""
+        return variational_loss(self.feedback, passes.block_inputs, passes.block_outputs, passes.mask)
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None, progress: bool = False) -> list[float]:
+        """Train from a seeded start with the shared trainer: cross-entropy, plus
+        ``variational_weight`` x the variational loss when set (:func:`steering_objective`)."""
+        self.reset_trainable(cfg.seed)
+        return train(self, data, cfg, progress=progress, desc=self.name, objective=_objective([self]))
+
+    @classmethod
+    def fit_many(cls, models: Sequence["Method"], data: Any, cfgs: Sequence[TrainConfig], *,
+                 val: Any = None, progress: bool = False) -> list[list[float]]:
+        """:meth:`fit` of each model, in lockstep over one minibatch order (:func:`train_many`)."""
+        for model, cfg in zip(models, cfgs):
+            model.reset_trainable(cfg.seed)
+        return train_many(models, data, cfgs, progress=progress, desc=cls.name, objective=_objective(models))
 
 
 @register
@@ -309,6 +405,31 @@ def _only(blocks: dict[int, torch.Tensor] | None, keep: dict[int, Any]) -> dict[
     return {i: t for i, t in (blocks or {}).items() if i in keep}
 
 
-def _pooled(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """The class token, or the mean patch token for backbones without one."""
-    return tokens[:, 0] if num_prefix_tokens else tokens.mean(dim=1)
+def _pooled(tokens: torch.Tensor, num_prefix_tokens: int, pool: str = "cls",
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """What the head reads (``pool``, see :class:`TOASTConfig`): the class token, or the mean token
+    (without a class token, or with ``pool="mean"``): over the real tokens when ``mask`` is given
+    (text; padded rows of ``tokens`` must be zero), else over the tokens after the prefix."""
+    if pool == "cls" and num_prefix_tokens:
+        return tokens[:, 0]
+    if mask is None:
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    return tokens.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1).to(tokens.dtype)
+
+
+def steering_objective(model: nn.Module, features: dict[str, torch.Tensor], labels: torch.Tensor,
+                       label_smoothing: float) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of pass 2 plus ``config.variational_weight`` x the variational loss (an
+    :data:`~frozenlens.train.trainer.Objective`; pass 2 runs once for both)."""
+    passes = model.run(features, record_blocks=True)
+    loss = F.cross_entropy(passes.logits, labels, label_smoothing=label_smoothing)
+    loss = loss + model.config.variational_weight * model.variational_loss(passes)
+    return loss, float(loss.detach())
+
+
+def _objective(models: Sequence[Method]) -> Objective:
+    """The shared trainer's cross-entropy when no model adds the variational loss, else
+    :func:`steering_objective` (with weight 0 it is the cross-entropy alone)."""
+    if any(m.config.variational_weight for m in models):
+        return steering_objective
+    return cross_entropy_objective
