@@ -1,8 +1,10 @@
 """TOAST (Top-Down Attention Steering): everything TOAST in one place.
 
 ``core`` holds the architecture-independent pieces (feature selection, feedback
-layers, the variational loss); ``model`` the method on timm ViTs (TOAST and
-TOAST-Lite, used by ``frozenlens fit``); ``lm`` and ``lm_train`` TOAST on Hugging
+layers, the variational loss); ``model`` the registered methods (TOAST and
+TOAST-Lite, used by ``frozenlens fit``) on timm ViTs and, through ``bert``, on
+frozen BERT-family text encoders; ``hf`` the value-input edits of Hugging Face
+models shared by ``bert`` and ``lm``; ``lm`` and ``lm_train`` TOAST on Hugging
 Face causal language models (``frozenlens toast-lm``; needs the ``[text]`` extra,
 imported only when used); ``convnext`` TOAST on timm ConvNeXts (Python API);
 ``pretune`` pre-tunes the top-down modules on a general collection; ``explain``
