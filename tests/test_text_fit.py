@@ -57,8 +57,18 @@ def text_task(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """A fresh frozenlens cache (no store yet): for tests that count backbone passes."""
     monkeypatch.setenv("FROZENLENS_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for the module: later tests reuse the store of the task's training texts."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("text-cache")
+        patch.setenv("FROZENLENS_CACHE", str(folder))
+        yield folder
 
 
 def count_passes(monkeypatch, backbone) -> list[int]:
@@ -101,7 +111,7 @@ def test_a_second_fit_reuses_the_store_without_the_backbone(text_task, minilm, c
     assert sum(passes) == PER_CLASS["test"] * 10  # the test split only: training texts come from the store
 
 
-def test_stored_reductions_equal_the_backbone_pass(text_task, minilm, cache):
+def test_stored_reductions_equal_the_backbone_pass(text_task, minilm, shared_cache):
     report = frozenlens.fit(text_task, ["linear"], backbone=minilm, epochs=1, progress=False)
     store: ActivationStore = report.store
     items = report.task.split("val")[:5]
@@ -117,7 +127,7 @@ def test_stored_reductions_equal_the_backbone_pass(text_task, minilm, cache):
         store.get("final:pool2", rows)  # text has no patch grid
 
 
-def test_predict_classifies_strings_as_the_test_pass_scored_them(text_task, minilm, cache, tmp_path):
+def test_predict_classifies_strings_as_the_test_pass_scored_them(text_task, minilm, shared_cache, tmp_path):
     report = frozenlens.fit(text_task, ["head2toe"], backbone=minilm, epochs=20, out=tmp_path / "out",
                             progress=False)
     test = report.task.split("test")
@@ -131,14 +141,14 @@ def test_predict_classifies_strings_as_the_test_pass_scored_them(text_task, mini
         frozenlens.predict([tmp_path / "out" / "head2toe"], [Path("x.png")], backbone=minilm)
 
 
-def test_modality_mismatches_are_refused_by_name(text_task, minilm, cache, tiny_task):
+def test_modality_mismatches_are_refused_by_name(text_task, minilm, shared_cache, tiny_task):
     with pytest.raises(FrozenlensError, match="text task.*image backbone"):
         frozenlens.fit(text_task, ["linear"], backbone="random:vit_tiny_patch16_224", img_size=32, progress=False)
     with pytest.raises(FrozenlensError, match="image task.*text encoder"):
         frozenlens.fit(tiny_task, ["linear"], backbone=minilm, progress=False)
 
 
-def test_methods_that_do_not_read_text_say_so(text_task, minilm, cache):
+def test_methods_that_do_not_read_text_say_so(text_task, minilm, shared_cache):
     from frozenlens.methods import get_method, method_names
 
     image_only = [n for n in method_names() if "text" not in get_method(n).modalities]
@@ -147,10 +157,40 @@ def test_methods_that_do_not_read_text_say_so(text_task, minilm, cache):
         frozenlens.fit(text_task, [image_only[0]], backbone=minilm, epochs=1, progress=False)
 
 
-def test_cli_fit_on_a_text_folder(text_task, minilm, cache, tmp_path, capsys):
+def test_cli_fit_on_a_text_folder(text_task, minilm, shared_cache, tmp_path, capsys):
     from frozenlens.cli import main
 
     code = main(["-q", "fit", str(text_task), "--method", "linear", "--epochs", "2", "--out", str(tmp_path / "cli")])
     assert code == 0
     assert (tmp_path / "cli" / "linear" / "adapter.json").is_file()
     assert "all-minilm-l6-v2" in (tmp_path / "cli" / "results.md").read_text()  # the text default backbone
+
+
+def test_bench_runs_text_tasks_like_image_tasks(text_task, minilm, shared_cache, tmp_path):
+    """``frozenlens bench`` on a text task: one store for the store methods, the VTAB protocol,
+    the report (the backbone defaults to the text encoder in the CLI; given here)."""
+    from frozenlens.bench import BenchConfig, run_bench
+
+    config = BenchConfig([text_task], ["linear:patch_mean=true", "head2toe"], tmp_path / "bench",
+                         backbone="all-minilm-l6-v2", seeds=1, epochs=20, grid={"lr": [0.01, 0.001]},
+                         progress=False, plots=False)
+    report = run_bench(config, backbone=minilm)
+    assert [r["method"] for r in report.rows] == ["linear:patch_mean=true", "head2toe"]
+    for row in report.rows:
+        assert row["tasks"][text_task.name]["mean"] > 0.3  # chance 0.1
+        assert row["store_bytes_per_image"] > 0 and row["extract_gflops_per_image"] > 0
+    assert report.context["modality"] == "text" and report.context["image_size"] is None
+
+
+@pytest.mark.parametrize("spec", ["vqt", "mist", "last", "inca", "toast"])
+def test_token_methods_train_from_the_store_and_predict_alike(spec, text_task, minilm, shared_cache, tmp_path):
+    """The token methods train from the padded store (one length for every row) and are scored on
+    texts padded per batch; predict (other batches again) agrees with the test pass exactly."""
+    report = frozenlens.fit(text_task, [spec], backbone=minilm, epochs=8, out=tmp_path / "out", progress=False)
+    record = report.records[0]
+    assert record["test_accuracy_mean"] > 0.1, record  # above chance after 8 short epochs
+    test = report.task.split("test")
+    predictions = frozenlens.predict([tmp_path / "out" / record["label"]], [i.text for i in test], backbone=minilm,
+                                     batch_size=5)
+    accuracy = np.mean([p.top[0][0] == report.task.classes[i.label] for p, i in zip(predictions, test)])
+    assert accuracy == pytest.approx(record["test_accuracy_mean"])

@@ -56,11 +56,16 @@ def flops_per_image(model: nn.Module, batch: Any, labels: torch.Tensor) -> tuple
     return forward.get_total_flops() / count, step.get_total_flops() / count
 
 
-def backbone_flops_per_image(backbone: Any, taps: Sequence[Any], images: int = 2) -> float:
+def backbone_flops_per_image(backbone: Any, taps: Sequence[Any], images: int = 2,
+                             texts: Sequence[str] | None = None) -> float:
     """FLOPs per image of the frozen backbone's forward pass up to the last of ``taps``
-    (what extracting them costs once per image), on random pixels of its input size."""
-    size = backbone.image_size
-    pixels = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(backbone.device)
+    (what extracting them costs once per image), on random pixels of its input size; for a text
+    backbone, per text of ``texts`` (text FLOPs depend on the length)."""
+    if texts is not None:
+        inputs: Any = list(texts)
+    else:
+        size = backbone.image_size
+        inputs = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(backbone.device)
     with torch.no_grad(), flop_counter() as counter:
-        backbone.forward_taps(pixels, list(taps))
-    return counter.get_total_flops() / images
+        backbone.forward_taps(inputs, list(taps))
+    return counter.get_total_flops() / len(inputs)

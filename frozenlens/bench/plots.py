@@ -43,7 +43,8 @@ def _scatter(report: Any, key: str, xlabel: str, path: Path, log: bool) -> Path:
     suffix = "" if report.context["protocol"] == "vtab" else f", {max(report.context['shots'])}-shot"
     axes.set_xlabel(xlabel)
     axes.set_ylabel(f"test accuracy (%), mean over tasks{suffix}")
-    axes.set_title(f"{report.context['backbone']} at {report.context['image_size']} px "
+    size = f"{report.context['image_size']} px" if report.context.get("image_size") else "text"
+    axes.set_title(f"{report.context['backbone']} ({size}) "
                    "(o: from the store, s: backbone in the loop)", fontsize=9)
     axes.grid(alpha=0.3)
     return _save(figure, path)

@@ -25,6 +25,7 @@ import numpy as np
 from frozenlens.backbones import Tap
 from frozenlens.bench.cells import Cell
 from frozenlens.bench.workspace import Workspace, WorkspaceSpec
+from frozenlens.data import TextTask
 from frozenlens.errors import FrozenlensError
 from frozenlens.extras import require
 from frozenlens.paths import cache_dir
@@ -145,6 +146,10 @@ class RayEngine:
 
     def extract(self, ws: Workspace, task: str, taps: list[Any]) -> str:
         c = ws.config
+        if isinstance(ws.task(task), TextTask):  # tokenizing is cheap and the pipeline reads image files
+            from frozenlens.bench.runner import LocalEngine  # (runner imports this module lazily)
+
+            return LocalEngine(ws).extract(ws, task, taps)
         actors = self.gpus or max(1, min(self.cpus, 4))
         source = RayTaps(ws, actors, 1.0 if self.gpus else 0.0)
         images = [str(i.path) for i in ws.task(task).all_images()]

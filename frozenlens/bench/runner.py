@@ -28,6 +28,7 @@ from frozenlens.bench.workspace import (
 from frozenlens.methods import get_method
 from frozenlens.protocol import grid_points
 from frozenlens.store import extract
+from frozenlens.store.examples import task_examples
 
 _log = logging.getLogger("frozenlens")
 
@@ -56,8 +57,7 @@ class LocalEngine:
 
     def extract(self, ws: Workspace, task: str, taps: list[Any]) -> str:
         c = ws.config
-        images = [str(i.path) for i in ws.task(task).all_images()]
-        store = extract(ws.backbone, images, taps, dtype=c.store_dtype, batch_size=c.batch_size,
+        store = extract(ws.backbone, task_examples(ws.task(task)), taps, dtype=c.store_dtype, batch_size=c.batch_size,
                         progress=c.progress, device=c.device, num_workers=c.workers)
         return str(store.path)
 

@@ -15,9 +15,11 @@ activation store serves every view of a task) with other splits:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from frozenlens.data import Task
+from frozenlens.data import AnyTask, item_id
 from frozenlens.data.split import class_permutations, stratified_indices
 from frozenlens.errors import DataError
 
@@ -29,13 +31,12 @@ FEWSHOT_HOLDOUT = 0.2
 at least one shot, never all of them, so 1-shot draws have nothing to select on."""
 
 
-def selection_view(task: Task) -> Task:
+def selection_view(task: AnyTask) -> AnyTask:
     """``task`` with ``trainval`` = its ``train`` split and ``test`` = its ``val`` split."""
-    return Task(task.name, task.root, task.classes,
-                {"trainval": task.split("train"), "test": task.split("val")}, task.layout)
+    return dataclasses.replace(task, splits={"trainval": task.split("train"), "test": task.split("val")})
 
 
-def draw_shots(task: Task, shots: int, draw: int) -> list[int]:
+def draw_shots(task: AnyTask, shots: int, draw: int) -> list[int]:
     """Indices into ``task.split("trainval")`` of ``shots`` images per class, drawn with seed ``draw``.
 
     Every class's images are permuted with :func:`frozenlens.data.split.class_permutations`
@@ -55,7 +56,7 @@ def draw_shots(task: Task, shots: int, draw: int) -> list[int]:
     return sorted(int(i) for perm in permutations.values() for i in perm[:shots])
 
 
-def fewshot_view(task: Task, shots: int, draw: int) -> Task:
+def fewshot_view(task: AnyTask, shots: int, draw: int) -> AnyTask:
     """The ``shots``-per-class training set of draw ``draw``, with its held-out selection part.
 
     ``train`` / ``val``: the shots split by :func:`frozenlens.data.split.stratified_indices`
@@ -72,9 +73,10 @@ def fewshot_view(task: Task, shots: int, draw: int) -> Task:
         splits["val"] = [chosen[i] for i in held]
     if "test" in task.splits:
         splits["test"] = task.split("test")
-    return Task(task.name, task.root, task.classes, splits, task.layout)
+    return dataclasses.replace(task, splits=splits)
 
 
-def split_signature(task: Task) -> dict[str, list[str]]:
-    """Every split's ``path label`` lines: what a view's results depend on (hashed into cell keys)."""
-    return {name: [f"{i.path} {i.label}" for i in items] for name, items in sorted(task.splits.items())}
+def split_signature(task: AnyTask) -> dict[str, list[str]]:
+    """Every split's ``id label`` lines (an image's path, a text's key): what a view's results
+    depend on (hashed into cell keys)."""
+    return {name: [f"{item_id(i)} {i.label}" for i in items] for name, items in sorted(task.splits.items())}

@@ -22,7 +22,7 @@ from frozenlens.bench.cells import Cell
 from frozenlens.bench.config import BenchConfig
 from frozenlens.bench.flops import backbone_flops_per_image, flops_per_image
 from frozenlens.bench.views import fewshot_view, selection_view, split_signature
-from frozenlens.data import Task, load_task
+from frozenlens.data import AnyTask, TextTask, item_id, load_any_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, config_to_dict, get_method
 from frozenlens.protocol import MethodResult, run_protocol, split_data, split_point
@@ -30,6 +30,7 @@ from frozenlens.store import ActivationStore
 from frozenlens.train.data import TapData
 from frozenlens.train.images import ImageData
 from frozenlens.train.measure import Measure
+from frozenlens.train.texts import TextData
 from frozenlens.train.trainer import TrainConfig
 
 _log = logging.getLogger("frozenlens")
@@ -58,7 +59,7 @@ def train_config_of(spec: MethodSpec, config: BenchConfig) -> TrainConfig:
     return cfg.short_run_warmup()[0]
 
 
-def grid_of(spec: MethodSpec, config: BenchConfig, view: Task) -> dict[str, list[Any]] | None:
+def grid_of(spec: MethodSpec, config: BenchConfig, view: AnyTask) -> dict[str, list[Any]] | None:
     """The grid ``spec`` is tuned over on ``view`` (None: no val split, or no search asked)."""
     if "val" not in view.splits or "train" not in view.splits:
         return None
@@ -73,7 +74,7 @@ class Workspace:
         self.spec = spec
         self.config = spec.config
         self._backbone = backbone
-        self._tasks: dict[str, Task] = {}
+        self._tasks: dict[str, AnyTask] = {}
         self._stores: dict[str, ActivationStore] = {}
         self._extract_flops: dict[str, float] = {}
 
@@ -86,10 +87,10 @@ class Workspace:
             self._backbone = load_backbone(c.backbone, arch=c.arch, img_size=c.img_size, device=c.device)
         return self._backbone
 
-    def task(self, name: str) -> Task:
+    def task(self, name: str) -> AnyTask:
         """The task named ``name``."""
         if name not in self._tasks:
-            self._tasks[name] = load_task(self.spec.task_paths[name])
+            self._tasks[name] = load_any_task(self.spec.task_paths[name])
         return self._tasks[name]
 
     def store(self, name: str) -> ActivationStore:
@@ -100,7 +101,7 @@ class Workspace:
             self._stores[name] = ActivationStore(self.spec.store_paths[name])
         return self._stores[name]
 
-    def view(self, cell: Cell) -> Task:
+    def view(self, cell: Cell) -> AnyTask:
         """The task view ``cell`` trains on (VTAB splits, or a few-shot draw)."""
         task = self.task(cell.task)
         return task if cell.shots is None else fewshot_view(task, cell.shots, cell.draw)
@@ -144,7 +145,7 @@ class Workspace:
         out.update(self._final_summary(cell, spec, view, result, store))
         return out
 
-    def _final_summary(self, cell: Cell, spec: MethodSpec, view: Task, result: MethodResult,
+    def _final_summary(self, cell: Cell, spec: MethodSpec, view: AnyTask, result: MethodResult,
                        store: ActivationStore | None) -> dict[str, Any]:
         """Accuracies, selection and costs of a cell that tested final models."""
         model = result.model
@@ -163,15 +164,17 @@ class Workspace:
             out["layers"] = layers
         return out
 
-    def _flops(self, spec: MethodSpec, view: Task, model: Method, store: ActivationStore | None) -> dict[str, Any]:
+    def _flops(self, spec: MethodSpec, view: AnyTask, model: Method, store: ActivationStore | None) -> dict[str, Any]:
         """Training-step and forward FLOPs per image of ``model`` on real examples, and (store
         methods) the backbone FLOPs per image of extracting its taps once."""
         items = view.split("trainval")[:FLOP_IMAGES]
-        paths, labels = [str(i.path) for i in items], [i.label for i in items]
         if model.in_loop:
-            data: Any = ImageData.from_paths(paths, labels, view.num_classes, self.backbone)
+            few = dataclasses.replace(view, splits={"trainval": items})
+            kind: Any = TextData if isinstance(view, TextTask) else ImageData
+            data: Any = kind.from_task(few, "trainval", self.backbone)
         else:
-            data = TapData.from_store(store, model.tap_keys(), paths, labels, view.num_classes)
+            data = TapData.from_store(store, model.tap_keys(), [item_id(i) for i in items], [i.label for i in items],
+                                      view.num_classes)
         device = self.config.device
         batch, targets = next(iter(data.batches(len(items), device=device)))
         forward, step = flops_per_image(model.to(device), batch, targets)
@@ -180,12 +183,13 @@ class Workspace:
         if not model.in_loop:
             if spec.text not in self._extract_flops:
                 taps = get_method(spec.name).taps(model.config, model.backbone_info)
-                self._extract_flops[spec.text] = backbone_flops_per_image(self.backbone, taps, FLOP_IMAGES)
+                texts = [i.text for i in items] if isinstance(view, TextTask) else None
+                self._extract_flops[spec.text] = backbone_flops_per_image(self.backbone, taps, FLOP_IMAGES, texts)
             out["extract_gflops_per_image"] = self._extract_flops[spec.text] / 1e9
         return out
 
 
-def layer_analysis(model: Method, view: Task, store: ActivationStore | None) -> dict[str, Any] | None:
+def layer_analysis(model: Method, view: AnyTask, store: ActivationStore | None) -> dict[str, Any] | None:
     """Which blocks matter, for InCA and VQT (None for other methods).
 
     * InCA / Open-InCA: validation accuracy of each block's adapter, from the method's own

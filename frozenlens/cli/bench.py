@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from frozenlens.cli.common import add_backbone_args, positive_int
+from frozenlens.cli.common import add_backbone_args, default_backbone, positive_int
 
 _DESCRIPTION = """\
 Benchmark methods on tasks under one protocol and write one report: a row per
@@ -74,7 +74,7 @@ def add_parsers(sub: Any) -> None:
                         help="image-decoding processes during local extraction (default: the cores the backbone "
                              "leaves free, at most 4: none on a 2-core CPU, one per core with --device cuda)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    add_backbone_args(parser)
+    add_backbone_args(parser, text=True)
     parser.set_defaults(run=run_bench_command)
 
 
@@ -137,13 +137,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     from frozenlens.bench import BenchConfig, run_bench
     from frozenlens.bench.report import table
+    from frozenlens.data import load_any_task
     from frozenlens.errors import ConfigError
 
     try:
         methods = split_methods(args.methods)
     except argparse.ArgumentTypeError as err:
         raise ConfigError(str(err)) from None
-    config = BenchConfig(args.tasks, methods, args.out, backbone=args.backbone, arch=args.arch,
+    backbone = args.backbone or default_backbone(load_any_task(args.tasks[0])) if args.tasks else args.backbone
+    config = BenchConfig(args.tasks, methods, args.out, backbone=backbone, arch=args.arch,
                          img_size=args.img_size, device=args.device, seeds=args.seeds, protocol=args.protocol,
                          shots=args.shots, epochs=args.epochs, grid=args.grid, store_dtype=args.store_dtype,
                          engine=args.engine, batch_size=args.batch_size, workers=args.workers,

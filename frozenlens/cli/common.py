@@ -7,8 +7,8 @@ from typing import Any
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, *, text: bool = False) -> None:
-    """``--backbone``, ``--arch``, ``--img-size`` and ``--device``; with ``text``, the commands that
-    read text tasks too: ``--backbone`` then defaults by task, and ``--text-column`` / ``--label-column``."""
+    """``--backbone``, ``--arch``, ``--img-size`` and ``--device``; with ``text`` (commands that also
+    read text tasks) ``--backbone`` defaults by task: see :func:`default_backbone`."""
     from frozenlens.backbones import DEFAULT_BACKBONE
     from frozenlens.backbones.text import MINILM_BACKBONE
 
@@ -20,10 +20,13 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, text: bool = False) ->
     group.add_argument("--arch", help="timm architecture of a local .safetensors checkpoint")
     group.add_argument("--img-size", type=int, help="input size in pixels (default: the backbone's)")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    if text:
-        data = parser.add_argument_group("text tasks (.csv / .jsonl files, or a saved Hugging Face dataset)")
-        data.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-        data.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+
+
+def add_text_columns(parser: argparse.ArgumentParser) -> None:
+    """``--text-column`` and ``--label-column``, for commands that read a text task from files."""
+    data = parser.add_argument_group("text tasks (.csv / .jsonl files, or a saved Hugging Face dataset)")
+    data.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    data.add_argument("--label-column", default="label", help="column holding the label (default: label)")
 
 
 def load_task_arg(args: argparse.Namespace) -> Any:

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from frozenlens.cli.common import add_backbone_args, default_backbone, load_task_arg, positive_int, seed_list
+from frozenlens.cli.common import (
+    add_backbone_args,
+    add_text_columns,
+    default_backbone,
+    load_task_arg,
+    positive_int,
+    seed_list,
+)
 
 _FIT_DESCRIPTION = """\
 Train methods on a task and save one adapter folder per method plus
@@ -24,6 +31,7 @@ def add_parsers(sub: Any) -> None:
     fit.add_argument("--out", help="output folder (default: runs/<task name>)")
     _add_fit_args(fit)
     add_backbone_args(fit, text=True)
+    add_text_columns(fit)
     add_remote_args(fit, codec_default="float16")
     fit.set_defaults(run=run_fit)
 
@@ -45,6 +53,7 @@ def add_parsers(sub: Any) -> None:
                               "when it was written (and for NaN/inf); damaged shards are set aside "
                               "in quarantine/ and re-extracted")
     add_backbone_args(extract, text=True)
+    add_text_columns(extract)
     extract.set_defaults(run=run_extract)
 
 

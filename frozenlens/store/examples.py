@@ -87,6 +87,15 @@ def examples_of(items: Sequence[Any]) -> "list[str] | TextExamples":
     return [str(i.path) for i in items]
 
 
+def task_examples(task: Any, splits: Sequence[str] | None = None) -> "list[str] | TextExamples":
+    """Every example of ``task``'s ``splits`` (default: all) once, in split order, as store rows."""
+    seen: dict[str, Any] = {}
+    for name, items in task.splits.items():
+        if splits is None or name in splits:
+            seen.update((i.key if isinstance(i, TextItem) else str(i.path), i) for i in items)
+    return examples_of(list(seen.values()))
+
+
 def check_examples(backbone: Any, examples: Any) -> None:
     """Refuse texts for an image backbone and image files for a text backbone."""
     text_backbone = isinstance(backbone, TextBackbone) or (
