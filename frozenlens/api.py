@@ -404,7 +404,8 @@ def extract_task(task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource, 
     existing = find_task_store(net, images, taps, dtype, verify=verify)
     if existing is not None:
         if progress:
-            _log.info("reusing activation store %s (%d images)", existing.path, existing.num_images)
+            _log.info("reusing activation store %s (%d %s)", existing.path, existing.num_images,
+                      "texts" if existing.modality == "text" else "images")
         return existing
     maps = token_maps(net.depth)
     sites = {t.site for t in maps}

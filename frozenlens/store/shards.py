@@ -66,12 +66,23 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+"""A float whose exponent bits are all set is inf or NaN: counting those on the integer view is
+several times faster than ``np.isfinite`` on float16 (measured 0.03 s vs 0.13 s per 128 MiB)."""
+
+
 def _nonfinite(array: np.ndarray) -> int:
+    """Count of inf/NaN values in ``array``, read in 8 MiB row chunks (memory-mapped arrays too)."""
     if not np.issubdtype(array.dtype, np.floating):
         return 0
     flat = array.reshape(len(array), -1) if array.ndim else array.reshape(1, -1)
     step = max(1, _CHUNK // max(flat[:1].nbytes, 1))
-    return int(sum((~np.isfinite(flat[i:i + step])).sum() for i in range(0, len(flat), step)))
+    bits = _EXPONENT_BITS.get(array.dtype.newbyteorder("="))
+    if bits is None or not array.dtype.isnative:
+        return int(sum((~np.isfinite(flat[i:i + step])).sum() for i in range(0, len(flat), step)))
+    kind, mask = bits
+    return int(sum(np.count_nonzero((flat[i:i + step].view(kind) & mask) == mask)
+                   for i in range(0, len(flat), step)))
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -113,7 +124,20 @@ def _save_array(file: Path, array: np.ndarray) -> dict:
         err.filename = err.filename or str(file)  # name the file in the error
         raise
     return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": file.stat().st_size,
-            "blake2b": hash_file(file), "nonfinite": _nonfinite(array)}
+            "blake2b": _hash_saved(file, array), "nonfinite": _nonfinite(array)}
+
+
+def _hash_saved(file: Path, array: np.ndarray) -> str:
+    """:func:`hash_file` of an ``.npy`` just written from ``array``, without reading its data back:
+    the file is its header followed by the array's bytes in C order."""
+    if not array.flags.c_contiguous or array.dtype.hasobject:
+        return hash_file(file)
+    header_size = file.stat().st_size - array.nbytes
+    with open(file, "rb") as handle:
+        header = handle.read(header_size)
+    digest = hashlib.blake2b(header, digest_size=16)
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def _save_manifest(file: Path, manifest: dict) -> None:

@@ -548,7 +548,8 @@ def extract(
     existing = find_store(root, plan.base_key, plan.taps, verify=verify)
     if existing is not None:
         if progress:
-            logger.info("reusing activation store %s (%d images)", existing.path, existing.num_images)
+            logger.info("reusing activation store %s (%d %s)", existing.path, existing.num_images,
+                        "texts" if existing.modality == "text" else "images")
         return existing
     path = ensure_dir(root / plan.key)
     meta = _write_meta(path, plan, backbone, taps, shard_size)
