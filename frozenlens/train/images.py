@@ -95,7 +95,7 @@ class ImageData:
         pipeline = PixelPipeline(backbone.transform())
         size = backbone.image_size
         pixels = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-        for row, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=None if progress else True,
+        for row, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress,
                                         leave=False)):
             pixels[row] = pipeline.to_pixels(load_image(path))
         return cls(pixels, torch.as_tensor(list(labels), dtype=torch.long), num_classes,

@@ -200,7 +200,7 @@ def _train_lockstep(views: Sequence[nn.Module], data: Any, cfgs: Sequence[TrainC
 
 def _epochs(cfg: TrainConfig, progress: bool, desc: str, configs: int):
     label = f"{desc} ({configs} configs)" if configs > 1 else desc
-    return tqdm(range(cfg.epochs), desc=label, unit="epoch", disable=None if progress else True, leave=False)
+    return tqdm(range(cfg.epochs), desc=label, unit="epoch", disable=not progress, leave=False)
 
 
 def _train_stacked(stacked: StackedView, data: Any, cfgs: Sequence[TrainConfig], progress: bool,

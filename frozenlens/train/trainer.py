@@ -182,7 +182,7 @@ def _train(model: nn.Module, data: TapData, cfg: TrainConfig, progress: bool, de
     scheduler = warmup_cosine(optimizer, cfg.warmup_epochs * steps_per_epoch,
                               cfg.epochs * steps_per_epoch)
     losses = []
-    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False):
+    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         total = 0.0
         for features, labels in data.batches(cfg.batch_size, shuffle=True, generator=generator,
                                              device=cfg.device):
