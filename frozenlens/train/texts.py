@@ -77,7 +77,7 @@ class TextData:
         texts = list(texts)
         chunks = [_as_features(backbone.tokenize(texts[start:start + TOKENIZE_CHUNK]), "cpu")
                   for start in tqdm(range(0, len(texts), TOKENIZE_CHUNK), desc=desc, unit="chunk",
-                                    disable=None if progress else True, leave=False)]
+                                    disable=not progress, leave=False)]
         tokens = _concat_padded(chunks, _pad_values(backbone))
         names = list(keys) if keys is not None else [f"#{i}" for i in range(len(texts))]
         if len(names) != len(texts):
