@@ -194,3 +194,22 @@ def test_token_methods_train_from_the_store_and_predict_alike(spec, text_task, m
                                      batch_size=5)
     accuracy = np.mean([p.top[0][0] == report.task.classes[i.label] for p, i in zip(predictions, test)])
     assert accuracy == pytest.approx(record["test_accuracy_mean"])
+
+
+def test_cli_predict_classifies_text_arguments_and_lines_of_a_file(text_task, minilm, shared_cache, tmp_path,
+                                                                   capsys):
+    from frozenlens.cli import main
+
+    frozenlens.fit(text_task, ["linear:patch_mean=true"], backbone=minilm, epochs=20, out=tmp_path / "out",
+                   progress=False)
+    adapter = next((tmp_path / "out").glob("linear*"))
+    lines = tmp_path / "texts.txt"
+    lines.write_text("a small songbird of marshes and reeds\n\na hand tool for cutting wood\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["-q", "predict", str(adapter), "a large wild cat of Africa", "--texts-from", str(lines),
+                 "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in rows] == ["a large wild cat of Africa", "a small songbird of marshes and reeds",
+                                          "a hand tool for cutting wood"]
+    assert rows[0]["top"][0][0] == "noun.animal"  # a small probe (100 texts) gets this one right
+    assert all(len(r["top"]) == 3 and r["top"][0][1] >= r["top"][1][1] for r in rows)
