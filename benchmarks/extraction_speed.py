@@ -118,6 +118,53 @@ def row(name: str, n: int, timing: tuple[float, float, float], base: dict[str, f
             "main_cpu_s": round(cpu, 1), "worker_cpu_s": round(children, 1), **extra}
 
 
+def profile_overhead(backbone: FrozenBackbone, batches: list[torch.Tensor], taps: list[Tap], dtype: str,
+                     paths: list[str], root: Path) -> list[dict[str, Any]]:
+    """What an extraction does besides ``forward_taps``, each part timed alone on the same data:
+    the copy to the store's precision (main thread), writing the shards (the writer thread: np.save
+    with fsync, the BLAKE2b of each file, the inf/NaN count) and hashing the image files."""
+    from frozenlens.store.fingerprint import images_fingerprint
+    from frozenlens.store.shards import _hash_saved, _nonfinite, shard_dir, tap_file, write_shard
+
+    np_dtype = getattr(torch, dtype)
+    with torch.inference_mode():
+        outputs = [backbone.forward_taps(batch, taps) for batch in batches]
+    arrays: list[dict[str, Any]] = []
+    parts: list[tuple[str, float]] = []
+    started = time.process_time()
+    for out in outputs:
+        arrays.append({k: v.to(np_dtype).cpu().numpy() for k, v in out.items()})
+    parts.append((f"cast + copy to {dtype} numpy (main thread)", time.process_time() - started))
+    folder = root / "profile"
+    (folder / "shards").mkdir(parents=True)
+    started = time.perf_counter()
+    for index, shard in enumerate(arrays):
+        write_shard(folder, index, shard)
+    write_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for index, shard in enumerate(arrays):
+        for key, array in shard.items():
+            _hash_saved(shard_dir(folder, index) / tap_file(key), array)
+    hash_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for shard in arrays:
+        for array in shard.values():
+            _nonfinite(array)
+    nonfinite_seconds = time.perf_counter() - started
+    parts += [("write shards, all of it (writer thread)", write_seconds),
+              ("  of which BLAKE2b of the written data", hash_seconds),
+              ("  of which the inf/NaN count", nonfinite_seconds),
+              ("  of which np.save + fsync + manifest", write_seconds - hash_seconds - nonfinite_seconds)]
+    cache = folder / "image-hashes.json"
+    started = time.perf_counter()
+    images_fingerprint(paths, cache_file=cache)
+    parts.append(("hash the image files (first extraction; cached after)", time.perf_counter() - started))
+    shutil.rmtree(folder, ignore_errors=True)
+    total = sum(b.numel() for out in outputs for b in out.values()) * torch.finfo(np_dtype).bits // 8
+    return [{"part": name, "seconds": round(seconds, 2), "mib_per_s": round(total / 2**20 / seconds, 0)
+             if seconds > 0 and "image files" not in name else ""} for name, seconds in parts]
+
+
 def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
     best = ctx.get("best_workers")
     lines = [
@@ -138,6 +185,12 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
         lines.append(f"Best worker count: {best}; extraction at {ctx['best_vs_bare_forward']:.0%} of the bare "
                      f"forward (target >= 90%), {ctx['best_vs_forward_taps']:.0%} of `forward_taps`. "
                      f"Stores of every worker count hold the same bytes: {ctx['same_bytes']}.")
+    if ctx.get("profile"):
+        lines += ["", "## Where the rest goes (each part timed alone on the same data)", "",
+                  f"Extraction took {ctx['overhead_seconds']:.2f} s more than `forward_taps` alone. The writer "
+                  "thread overlaps the next batches' forward pass, but on a machine whose cores the forward "
+                  "already uses, its CPU time is taken from the forward:", "",
+                  records_table(ctx["profile"])]
     lines += ["", f"Command: `{ctx['command']}`", "", machine_line(ctx), ""]
     return "\n".join(lines)
 
@@ -219,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best = max([0, *worker_counts], key=lambda w: rates[w])  # decoding on the main thread is a candidate too
+    profile_root = Path(tempfile.mkdtemp(prefix="extraction-profile-", dir=args.root))
+    try:
+        ctx["profile"] = profile_overhead(backbone, batches, taps, args.dtype, paths, profile_root)
+    finally:
+        shutil.rmtree(profile_root, ignore_errors=True)
+    ctx["overhead_seconds"] = len(paths) / rates[best] - len(paths) / base["forward_taps"]
     ctx.update(best_workers=best, best_img_per_s=round(rates[best], 2),
                best_vs_bare_forward=rates[best] / base["forward"],
                best_vs_forward_taps=rates[best] / base["forward_taps"], same_bytes=same)
