@@ -88,6 +88,39 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
 
 
+@dataclass
+class SearchResult:
+    """What a grid search on train/val found (:func:`search_grid`)."""
+
+    rows: list[dict[str, Any]]
+    """Every grid point with its ``val_accuracy``, in grid order."""
+    point: dict[str, Any]
+    """The selected point: highest val accuracy, the first in grid order on ties."""
+    train_config: TrainConfig
+    config: Any
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def search_grid(method: str, config: Any, store: ActivationStore | None, task: AnyTask,
+                backbone: FrozenBackbone | TextBackbone | dict[str, Any], *, train_config: TrainConfig,
+                grid: dict[str, list[Any]], progress: bool = False, stream: bool = False) -> SearchResult:
+    """The first half of :func:`run_protocol` on its own: every point of ``grid`` trained on
+    ``train`` (store methods: all points together, in one stacked pass) and ranked on ``val``.
+    ``frozenlens bench`` saves it as one cell, so an interrupted bench never trains it twice."""
+    probe = build_method(method, config, backbone, len(task.classes))
+    return _tune(probe, _SplitCache(store, task, backbone, progress, stream), train_config, grid, progress)
+
+
+def _tune(probe: Method, data: "_SplitCache", train_config: TrainConfig, grid: dict[str, list[Any]],
+          progress: bool) -> SearchResult:
+    with Measure(train_config.device) as measured:
+        rows, best_train, best_config = _search(probe, data, train_config, grid, progress)
+    best = max(rows, key=lambda row: row["val_accuracy"])  # the first of equals, as _search keeps
+    point = {k: v for k, v in best.items() if k != "val_accuracy"}
+    return SearchResult(rows, point, best_train, best_config, measured.seconds, measured.peak_mb)
+
+
 def run_protocol(
     method: str,
     config: Any,
@@ -115,7 +148,8 @@ def run_protocol(
     result = MethodResult(method, probe.config, train_config)
     data = _SplitCache(store, task, backbone, progress, stream)
     if grid:
-        result.grid, result.train_config, result.config = _search(probe, data, train_config, grid, progress)
+        found = _tune(probe, data, train_config, grid, progress)
+        result.grid, result.train_config, result.config = found.rows, found.train_config, found.config
     shared_order = None if probe.in_loop else seeds[0]   # seeds trained together share one minibatch order
     cfgs = [result.train_config.updated(seed=seed, order_seed=shared_order) for seed in seeds]
     for group in ([[c] for c in cfgs] if probe.in_loop else [cfgs]):

@@ -95,7 +95,7 @@ def test_local_bench_end_to_end(uninterrupted):
     markdown = (tmp_path / "report.md").read_text()
     assert "never used to select" in markdown and "| linear |" in markdown
     cells = sorted(p.name for p in (tmp_path / "cells").rglob("*.json"))
-    assert len(cells) == 1 + 2 + 2                                       # protocol; 2 grid points; 2 seeds
+    assert len(cells) == 2 + 2 + 2           # linear: search, final (2 seeds); bitfit: 2 grid points, 2 seeds
 
 
 def test_bench_reports_which_layers_matter(bench_task, tmp_path):
@@ -127,14 +127,14 @@ def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterr
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("cells/**/*.json")}
-    assert 2 <= len(before) < 1 + 2 + 2 and not (out / "report.json").exists()
+    assert 2 <= len(before) < 2 + 2 + 2 and not (out / "report.json").exists()
 
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(before)} cell(s) already finished" in resumed.stderr
     for path, (content, mtime) in before.items():
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
-    assert len(list(out.glob("cells/**/*.json"))) == 1 + 2 + 2
+    assert len(list(out.glob("cells/**/*.json"))) == 2 + 2 + 2
     whole = json.loads((uninterrupted[1] / "report.json").read_text())
     assert results_only(json.loads((out / "report.json").read_text())) == results_only(whole)
 

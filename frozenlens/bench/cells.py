@@ -2,13 +2,12 @@
 
 A cell is one task view x one method x one stage:
 
-* ``protocol``: a method that trains from the store runs the whole protocol in one
-  :func:`frozenlens.protocol.run_protocol` call (its grid points train together in one
-  pass over the store, then its seeds in another), so its grid and seeds are one cell;
+* ``search``: the whole grid of a method that trains from the store, trained on train in
+  one stacked pass over the store and ranked on val (:func:`frozenlens.protocol.search_grid`);
 * ``grid``: one grid point of a method that runs the backbone in the loop (trained on
   train, scored on val; those train one point at a time anyway);
-* ``final``: one seed of such a method, retrained on train+val with the selected point
-  and tested once.
+* ``final``: the selected point retrained on train+val and tested once: every seed together
+  for a store method (one stacked pass), one seed per cell for an in-loop method.
 
 A finished cell is ``<out>/cells/<task>/<method label>/<view>/<stage>-<id>.json``
 holding the cell, its key (a hash of everything its result depends on) and the
@@ -31,7 +30,7 @@ from frozenlens.atomic import write_json
 
 _log = logging.getLogger("frozenlens")
 
-STAGES = ("protocol", "grid", "final")
+STAGES = ("search", "grid", "final")
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,12 @@ class Cell:
         task: the task's name (unique within a bench).
         method: the method spec as written (``linear``, ``vqt:num_queries=2``).
         label: the method's folder-safe label (:attr:`frozenlens.api.MethodSpec.label`).
-        stage: ``protocol``, ``grid`` or ``final`` (see the module docstring).
+        stage: ``search``, ``grid`` or ``final`` (see the module docstring).
         shots: images per class of a few-shot view (None: the VTAB-1k splits).
         draw: seed of the few-shot draw (None for VTAB-1k).
         point: the grid point (``grid``), or the selected one a ``final`` cell trains with, as
             sorted ``(name, value)`` pairs; empty for defaults.
-        seeds: seeds of the final runs this cell trains (``protocol``, ``final``).
+        seeds: seeds of the final runs this cell trains (``final``).
     """
 
     task: str
@@ -71,7 +70,7 @@ class Cell:
 
     def describe(self) -> str:
         """One line for progress displays: task, view, method, stage and point or seeds."""
-        what = {"protocol": f"grid+seeds {list(self.seeds)}", "grid": _point_text(self.point),
+        what = {"search": "every grid point together", "grid": _point_text(self.point),
                 "final": f"seed {','.join(map(str, self.seeds))} with {_point_text(self.point)}"}[self.stage]
         view = "" if self.shots is None else f" {self.view}"
         return f"{self.task}{view} {self.method} {self.stage} {what}"
@@ -90,8 +89,8 @@ class Cell:
 
     def file_name(self) -> str:
         """The cell's file name within its method/view folder."""
-        if self.stage == "protocol":
-            return "protocol.json"
+        if self.stage == "search":
+            return "search.json"
         tail = _slug(_point_text(self.point)) if self.stage == "grid" else "seed" + "+".join(map(str, self.seeds))
         digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:6]
         return f"{self.stage}-{tail}-{digest}.json"

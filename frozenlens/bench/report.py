@@ -58,23 +58,18 @@ def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
     """One task view x method, from its cells' results."""
     base = {"task": group.task, "shots": group.shots, "draw": group.draw, "method": group.spec.text,
             "label": group.spec.label, "in_loop": group.in_loop}
-    if not group.in_loop:
-        (cell,) = group.grid_cells
-        r = results[cell]
-        accs = list(r["test_accuracies"])
-        grid, selected = r["grid"], r["selected"]
-        cost_cells, grid_seconds = [r], None
-        final, seconds = r, [r["train_seconds"]]
+    grid_results = [(c, results[c]) for c in group.grid_cells]
+    finals = [results[c] for c in group.finals(select_point(grid_results))]
+    accs = [a for f in finals for a in f["test_accuracies"]]
+    if grid_results and grid_results[0][0].stage == "search":
+        grid = grid_results[0][1]["grid"]
     else:
-        grid_results = [(c, results[c]) for c in group.grid_cells]
-        finals = [results[c] for c in group.finals(select_point(grid_results))]
-        accs = [f["test_accuracies"][0] for f in finals]
         grid = [{**c.point_dict, "val_accuracy": g["val_accuracy"]} for c, g in grid_results]
-        final = finals[0]
-        selected = final["selected"]
-        cost_cells = [g for _, g in grid_results] + finals
-        grid_seconds = sum(g["cell_seconds"] for _, g in grid_results)
-        seconds = [f["train_seconds"] for f in finals]
+    final = finals[0]
+    selected = final["selected"]
+    cost_cells = [g for _, g in grid_results] + finals
+    grid_seconds = sum(g["cell_seconds"] for _, g in grid_results) if grid_results else None
+    seconds = [f["train_seconds"] for f in finals]
     mean, std = _mean_std(accs)
     return {**base, "seeds": list(group.seeds), "test_accuracies": accs, "test_accuracy_mean": mean,
             "test_accuracy_std": std, "grid": grid,

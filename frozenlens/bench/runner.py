@@ -88,25 +88,28 @@ class Group:
                     shots=self.shots, draw=self.draw, **extra)
 
     def finals(self, point: tuple[tuple[str, Any], ...]) -> list[Cell]:
-        """One final cell per seed, trained with ``point`` (in-loop methods)."""
-        return [self.cell("final", point=point, seeds=(s,)) for s in self.seeds]
+        """The final cells, trained with ``point``: one per seed for an in-loop method, one for
+        all seeds together for a store method (they train in one stacked pass)."""
+        if self.in_loop:
+            return [self.cell("final", point=point, seeds=(s,)) for s in self.seeds]
+        return [self.cell("final", point=point, seeds=self.seeds)]
 
 
 def plan(ws: Workspace, specs: list[MethodSpec]) -> list[Group]:
-    """Every group of the bench, with its first cells (protocol cells, or grid points)."""
+    """Every group of the bench, with its first cells: the grid search (store methods: one cell
+    for the whole grid; in-loop methods: one per point), none where there is nothing to tune."""
     groups = []
     for task in ws.spec.task_paths:
         for shots, draw, seeds in view_keys(ws.config):
             for spec in specs:
                 own = tuple(spec.seeds(seeds)) if shots is None else seeds
                 group = Group(task, shots, draw, spec, own, get_method(spec.name).in_loop)
+                grid = grid_of(spec, ws.config, ws.view(group.cell("grid")))
                 if group.in_loop:
-                    view = ws.view(group.cell("grid"))
-                    grid = grid_of(spec, ws.config, view)
                     group.grid_cells = [group.cell("grid", point=tuple(sorted(p.items())))
                                         for p in (grid_points(grid) if grid else [])]
-                else:
-                    group.grid_cells = [group.cell("protocol", seeds=own)]
+                elif grid:
+                    group.grid_cells = [group.cell("search")]
                 groups.append(group)
     return groups
 
@@ -151,7 +154,7 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
 
     first = [c for g in groups for c in g.grid_cells]
     todo = pending(first)
-    total = len(first) + sum(len(g.seeds) for g in groups if g.in_loop)
+    total = len(first) + sum(len(g.finals(())) for g in groups)
     if len(todo) < len(first):
         _log.info("%d cell(s) already finished in %s; they are not recomputed", len(first) - len(todo),
                   ledger.root)
@@ -168,13 +171,18 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
 
     try:
         with bar:
-            for task in task_paths:
-                if any(c.stage == "protocol" and c.task == task for c in todo):
-                    ws.spec.store_paths[task] = engine.extract(ws, task, taps)
+            store_methods = {g.spec.text for g in groups if not g.in_loop}
+
+            def ensure_stores(cells: list[Cell]) -> None:
+                for task in dict.fromkeys(c.task for c in cells if c.method in store_methods):
+                    if task not in ws.spec.store_paths:
+                        ws.spec.store_paths[task] = engine.extract(ws, task, taps)
+
+            ensure_stores(todo)
             engine.run(todo, done, bar)
-            finals = [c for g in groups if g.in_loop
-                      for c in g.finals(select_point([(gc, results[gc]) for gc in g.grid_cells]))]
+            finals = [c for g in groups for c in g.finals(select_point([(gc, results[gc]) for gc in g.grid_cells]))]
             todo = pending(finals)
+            ensure_stores(todo)
             bar.update(len(finals) - len(todo))
             engine.run(todo, done, bar)
     finally:

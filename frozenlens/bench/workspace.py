@@ -25,7 +25,7 @@ from frozenlens.bench.views import fewshot_view, selection_view, split_signature
 from frozenlens.data import AnyTask, TextTask, item_id, load_any_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, config_to_dict, get_method
-from frozenlens.protocol import MethodResult, run_protocol, split_data, split_point
+from frozenlens.protocol import MethodResult, run_protocol, search_grid, split_data, split_point
 from frozenlens.store import ActivationStore
 from frozenlens.train.data import TapData
 from frozenlens.train.images import ImageData
@@ -127,15 +127,19 @@ class Workspace:
         in_loop = get_method(spec.name).in_loop
         store = None if in_loop else self.store(cell.task)
         with Measure(self.config.device) as whole:
-            if cell.stage == "protocol":
-                result = run_protocol(spec.name, config, store, view, self.backbone, train_config=cfg,
-                                      grid=grid_of(spec, self.config, view), seeds=cell.seeds)
+            if cell.stage == "search":
+                found = search_grid(spec.name, config, store, view, self.backbone, train_config=cfg,
+                                    grid=grid_of(spec, self.config, view))
             else:
                 train_changes, config_changes = split_point(cell.point_dict, config)
                 point_view = selection_view(view) if cell.stage == "grid" else view
                 seeds = (cfg.seed,) if cell.stage == "grid" else cell.seeds
                 result = run_protocol(spec.name, dataclasses.replace(config, **config_changes), store, point_view,
                                       self.backbone, train_config=cfg.updated(**train_changes), seeds=seeds)
+        if cell.stage == "search":
+            return {"cell_seconds": whole.seconds, "cell_peak_memory_mb": whole.peak_mb, "grid": found.rows,
+                    "point": sorted(found.point.items()), "train_seconds": found.seconds,
+                    "peak_memory_mb": found.peak_memory_mb}
         out: dict[str, Any] = {"cell_seconds": whole.seconds, "cell_peak_memory_mb": whole.peak_mb,
                                "train_seconds": result.train_seconds, "peak_memory_mb": result.peak_memory_mb,
                                "trainable_params": result.trainable_params}
@@ -248,7 +252,10 @@ def view_keys(config: BenchConfig) -> list[tuple[int | None, int | None, tuple[i
 
 
 def select_point(grid_cells: list[tuple[Cell, dict[str, Any]]]) -> tuple[tuple[str, Any], ...]:
-    """The grid point with the highest val accuracy (ties: the first in grid order); () for none."""
+    """The grid point with the highest val accuracy (ties: the first in grid order); () for none.
+    A ``search`` cell (a store method's whole grid) carries its selected point."""
+    if len(grid_cells) == 1 and grid_cells[0][0].stage == "search":
+        return tuple(tuple(pair) for pair in grid_cells[0][1]["point"])
     best, best_acc = (), -1.0
     for cell, result in grid_cells:
         if result["val_accuracy"] > best_acc:
