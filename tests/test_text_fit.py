@@ -13,24 +13,11 @@ import torch
 import frozenlens
 from frozenlens.backbones import Tap
 from frozenlens.backbones.text import MASK_KEY
-from frozenlens.errors import BackboneError, DataError, FrozenlensError
+from frozenlens.errors import DataError, FrozenlensError
 from frozenlens.store import ActivationStore
 from tests.conftest import skip_or_fail_in_ci
 
 PER_CLASS = {"train800": 8, "val200": 2, "test": 6}
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        import transformers  # noqa: F401
-
-        from frozenlens.backbones.text import minilm_model_dir
-
-        minilm_model_dir()
-    except (ImportError, BackboneError) as err:
-        skip_or_fail_in_ci(f"the [text] extra is not installed ({err})")
-    return frozenlens.load_backbone("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from frozenlens.errors import BackboneError, FrozenlensError
+from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method
-from tests.conftest import skip_or_fail_in_ci
 
 TEXTS = ["A cat sat on the mat.", "ok", "Frozen encoders read text without changing a weight.",
          "héllo wörld, ünïcode survives"]
@@ -24,21 +23,6 @@ TOPICS = {
 }
 PATTERNS = ["the {} was mentioned twice", "a short note about the {}", "everyone talked about the {} today",
             "she wrote a long story about a {}", "{}"]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        import transformers  # noqa: F401
-
-        from frozenlens.backbones.text import minilm_model_dir
-
-        minilm_model_dir()
-    except (ImportError, BackboneError) as err:
-        skip_or_fail_in_ci(f"the [text] extra is not installed ({err})")
-    from frozenlens.backbones import load_backbone
-
-    return load_backbone("all-minilm-l6-v2")
 
 
 def _batch(backbone, texts):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from frozenlens.backbones.taps import Tap
-from frozenlens.errors import BackboneError, FrozenlensError
+from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method
 from frozenlens.methods.vqt.query_attention import (
     backbone_blocks,
@@ -21,7 +21,6 @@ from frozenlens.methods.vqt.query_attention import (
 )
 from frozenlens.train.data import TapData
 from frozenlens.train.trainer import TrainConfig, predict_logits
-from tests.conftest import skip_or_fail_in_ci
 
 MASK = "attention_mask"
 TEXTS = [
@@ -41,21 +40,6 @@ TOPICS = {
 FAST = TrainConfig(optimizer="adam", epochs=3, warmup_epochs=1, batch_size=8, lr=0.02, seed=5)
 GRID = [(1e-2, 1e-2), (1e-3, 0.0), (3e-3, 1e-4)]
 """(lr, weight decay) of the stacked configurations."""
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        import transformers  # noqa: F401
-
-        from frozenlens.backbones.text import minilm_model_dir
-
-        minilm_model_dir()
-    except (ImportError, BackboneError) as err:
-        skip_or_fail_in_ci(f"the [text] extra is not installed ({err})")
-    from frozenlens import load_backbone
-
-    return load_backbone("all-minilm-l6-v2")
 
 
 def _texts_and_labels() -> tuple[list[str], list[int]]:
