@@ -89,8 +89,10 @@ def test_vqt_reads_text_taps_block_inputs_then_cls_then_mask(minilm):
     assert len(backbone_blocks(minilm)) == minilm.depth
 
 
-def test_logits_do_not_depend_on_padding_and_the_mask_is_what_keeps_them_so(minilm):
-    method = _vqt(minilm)
+@pytest.mark.parametrize("pooled", ["cls", "patch_mean"])
+def test_logits_do_not_depend_on_padding_and_the_mask_is_what_keeps_them_so(minilm, pooled):
+    method = _vqt(minilm, {"num_queries": 2, "pooled": pooled})
+    assert f"final:{pooled}" in method.tap_keys()
     taps = _taps(method)
     with torch.no_grad():
         alone = minilm.forward_taps(TEXTS, taps)

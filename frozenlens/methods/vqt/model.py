@@ -62,6 +62,7 @@ from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import TrainConfig, seeded, train
 
 AGGREGATES = ("concat", "weighted_sum")
+POOLINGS = ("cls", "patch_mean")
 CLS_KEY = "final:cls"
 NORMED_PREFIX = "norm1."
 PAPER_LRS = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -84,6 +85,9 @@ class VQTConfig:
         compress: after training, select features with group lasso and retrain the head.
         keep_fraction: fraction of the features kept when compressing (paper: 0.7).
         group_lasso: group-lasso coefficient of the selection head (official code: 1e-4).
+        pooled: the final token the head reads beside the summaries: ``"cls"`` (the paper's
+            CLS) or ``"patch_mean"`` (the mean token; on text the masked mean, the pooling a
+            sentence encoder such as all-MiniLM-L6-v2 was trained with).
     """
 
     num_queries: int = 1
@@ -93,6 +97,7 @@ class VQTConfig:
     compress: bool = False
     keep_fraction: float = 0.7
     group_lasso: float = 1e-4
+    pooled: str = "cls"
 
     def __post_init__(self) -> None:
         """Refuse settings VQT cannot train with, when the spec is parsed (before any extraction)."""
@@ -134,9 +139,15 @@ class VQT(Method):
     # -- description ------------------------------------------------------------------
     @classmethod
     def taps(cls, config: VQTConfig, backbone: dict[str, Any]) -> list[Tap]:
-        """Every block's input tokens and the final CLS token (on text, ``[CLS]``/``<s>``; the
-        padding mask is added by :meth:`~frozenlens.methods.base.Method.tap_keys`)."""
-        return input_taps(backbone["depth"]) + [Tap("final", "cls")]
+        """Every block's input tokens and the final CLS token (on text, ``[CLS]``/``<s>``), or the
+        final mean token with ``pooled="patch_mean"`` (the padding mask is added by
+        :meth:`~frozenlens.methods.base.Method.tap_keys`)."""
+        return input_taps(backbone["depth"]) + [Tap("final", config.pooled)]
+
+    @property
+    def pooled_key(self) -> str:
+        """Key of the final token the head reads (``final:cls`` unless ``pooled`` says otherwise)."""
+        return f"final:{self.config.pooled}"
 
     def feature_count(self) -> int:
         """Width of the head's input before any compression."""
@@ -190,7 +201,7 @@ class VQT(Method):
                  blocks: Sequence[nn.Module] | None = None) -> torch.Tensor:
         """Head input ``(B, F)``: final CLS and every block's summary, aggregated
         (``blocks`` as in :meth:`summaries`)."""
-        cls_token, outputs = batch[CLS_KEY], self.summaries(batch, normed=normed, blocks=blocks)
+        cls_token, outputs = batch[self.pooled_key], self.summaries(batch, normed=normed, blocks=blocks)
         if self.config.aggregate == "weighted_sum":
             vectors = torch.cat([cls_token.unsqueeze(1)] + outputs, dim=1)       # (B, 1+L*T, D)
             vectors = F.normalize(vectors, dim=-1) if self.config.normalize else vectors
@@ -247,7 +258,7 @@ class VQT(Method):
         A block whose keys read its input as it is (a post-norm text layer) shares the
         stored tensor instead of copying it.
         """
-        features = {k: data.features[k] for k in (CLS_KEY, MASK_KEY) if k in data.features}
+        features = {k: data.features[k] for k in (self.pooled_key, MASK_KEY) if k in data.features}
         for layer, (block, key) in enumerate(zip(backbone_blocks(self.frozen_backbone), self._input_keys(False))):
             parts, raw = block_parts(block), data.features[key]
             features[NORMED_PREFIX + str(layer)] = raw if parts.key_input_is_identity else self._key_input(
@@ -317,12 +328,14 @@ class NormedInputs(nn.Module):
         methods = [v.method for v in views]
         if not can_stack(methods):
             return None
-        return StackedVQT(methods, CLS_KEY, methods[0]._input_keys(True))
+        return StackedVQT(methods, methods[0].pooled_key, methods[0]._input_keys(True))
 
 
 def _check_config(config: VQTConfig) -> None:
     if config.num_queries < 1:
         raise ValueError(f"num_queries={config.num_queries}: must be at least 1")
+    if config.pooled not in POOLINGS:
+        raise ValueError(f"pooled={config.pooled!r}: use one of {', '.join(POOLINGS)}")
     if config.aggregate not in AGGREGATES:
         raise ValueError(f"aggregate={config.aggregate!r}: use one of {', '.join(AGGREGATES)}")
     if not 0 < config.keep_fraction <= 1:
