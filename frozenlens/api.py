@@ -554,7 +554,7 @@ def remote_settings(method: str) -> dict[str, Any]:
 def _save_method(out_dir: Path, task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource, result: MethodResult,
                  record: dict[str, Any], store_dtype: str) -> None:
     extra = {"store_dtype": store_dtype, "features_from": getattr(net, "origin", "local backbone"),
-             "spec": record["spec"]}
+             "spec": record["spec"], "task": task.name, "task_root": str(task.root)}
     folder = out_dir / record["label"]
     for seed, model in zip(record["seeds"][1:], result.models[1:]):
         save_adapter(seed_folder(folder, seed), model, task.classes, extra={**extra, "seed": seed})
@@ -575,7 +575,26 @@ def _save_results(out_dir: Path, task: AnyTask, net: FrozenBackbone | TextBackbo
         "seeds": list(seeds),
         "grid_search": grid if isinstance(grid, (bool, dict)) else sorted(grid),
     }
-    write_results(out_dir, records, context)
+    earlier = _earlier_records(out_dir, {r["label"] for r in records}, net.weights_hash, str(task.root))
+    if earlier:
+        context["earlier_fits"] = f"{len(earlier)} row(s) from earlier fits into this folder (their own spec and seeds)"
+    write_results(out_dir, [*earlier, *records], context)
+
+
+def _earlier_records(out_dir: Path, labels: set[str], weights_hash: str, task_root: str) -> list[dict[str, Any]]:
+    """Results rows of adapters an earlier ``fit`` saved in ``out_dir`` for the same task and backbone
+    (other methods than this fit's), so ``results.{json,md}`` lists every method of the folder."""
+    rows = []
+    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name not in labels):
+        try:
+            meta = read_adapter_meta(folder)
+        except FrozenlensError:
+            continue
+        record = meta.get("result")
+        if isinstance(record, dict) and meta["backbone"].get("weights_hash") == weights_hash \
+                and meta.get("task_root") == task_root and record.get("test_accuracies"):
+            rows.append(record)
+    return rows
 
 
 @dataclass

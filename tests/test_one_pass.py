@@ -151,3 +151,18 @@ def test_seeds_that_choose_different_taps_are_each_scored_on_their_own(tiny_task
                           train_config=TrainConfig(epochs=1, warmup_epochs=0), seeds=(0, 1, 2))
     assert [m.tap_keys() for m in result.models] == [["block.0:tokens"], ["block.1:tokens"], ["block.2:tokens"]]
     assert len(result.test_accuracies) == 3 and not result.test_pending
+
+
+def test_results_of_a_folder_list_every_method_fitted_into_it(tiny_task, tiny_backbone, tmp_path, monkeypatch):
+    """A later fit of other methods into the same --out keeps the earlier methods' rows in
+    results.json / results.md (same task and backbone), and a rerun replaces a method's own row."""
+    monkeypatch.setenv("FROZENLENS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    fit(tiny_task, ["linear:epochs=2"], backbone=tiny_backbone, out=out, progress=False)
+    fit(tiny_task, ["head2toe:epochs=2"], backbone=tiny_backbone, out=out, progress=False)
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(r["spec"] for r in rows) == ["head2toe:epochs=2", "linear:epochs=2"]
+    assert "| linear:epochs=2 |" in (out / "results.md").read_text()
+    fit(tiny_task, ["linear:epochs=2"], backbone=tiny_backbone, out=out, progress=False)  # skipped: same run
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(r["spec"] for r in rows) == ["head2toe:epochs=2", "linear:epochs=2"]
