@@ -33,6 +33,51 @@ def minibatch_indices(count: int, batch_size: int, *, shuffle: bool = False,
         yield order[start:start + batch_size]
 
 
+class ExampleRows:
+    """What the in-loop training data (preprocessed images, tokenized texts) share: examples
+    named by ids, subsets, a stratified holdout and minibatches in :func:`minibatch_indices` order.
+
+    Subclasses set ``labels`` and implement :meth:`ids`, :meth:`rows` and :meth:`batch`.
+    """
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def ids(self) -> list[str]:
+        """The id of each example: an image's path, a text's key."""
+        raise NotImplementedError
+
+    def rows(self, index: torch.Tensor) -> "ExampleRows":
+        """The examples at ``index``."""
+        raise NotImplementedError
+
+    def batch(self, index: torch.Tensor, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The features of the examples at ``index``, on ``device``."""
+        raise NotImplementedError
+
+    def select_paths(self, ids: Sequence[str]) -> "ExampleRows | None":
+        """The examples named by ``ids`` (paths or text keys), in that order; None if some are not here."""
+        where = {key: i for i, key in enumerate(self.ids())}
+        try:
+            return self.rows(torch.as_tensor([where[str(k)] for k in ids], dtype=torch.long))
+        except KeyError:
+            return None
+
+    def holdout(self, fraction: float = 0.2, seed: int = 0) -> tuple["ExampleRows", "ExampleRows"]:
+        """Stratified split into (rest, held out), as :meth:`TapData.holdout`."""
+        keep_index, held_index = stratified_holdout(self.labels, fraction, seed)
+        return self.rows(keep_index), self.rows(held_index)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Minibatches ``(features, labels)`` in :meth:`TapData.batches` order."""
+        for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
+            yield self.batch(idx, device), self.labels[idx].to(device)
+
+
 class StoredRows:
     """Rows of one stored tap that stay on disk until a minibatch asks for them.
 

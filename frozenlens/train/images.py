@@ -21,7 +21,7 @@ frozenlens, for every method alike.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.data import Task, load_image, to_rgb
 from frozenlens.errors import FrozenlensError
-from frozenlens.train.data import minibatch_indices, stratified_holdout
+from frozenlens.train.data import ExampleRows
 
 IMAGES_KEY = "images"
 
@@ -68,7 +68,7 @@ class PixelPipeline:
         return pixels.float().div(255).sub(mean).div(std)
 
 
-class ImageData:
+class ImageData(ExampleRows):
     """Preprocessed images of one split with their labels, kept in memory as ``uint8``.
 
     Attributes:
@@ -109,9 +109,6 @@ class ImageData:
         return cls.from_paths([i.path for i in items], [i.label for i in items], len(task.classes),
                               backbone, progress=progress, desc=f"decoding {split}")
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
     @property
     def nbytes(self) -> int:
         """Memory held by the pixels."""
@@ -123,29 +120,17 @@ class ImageData:
         return ImageData(self.pixels[index], self.labels[index], self.num_classes,
                          [self.paths[int(i)] for i in index], self.pipeline)
 
-    def select_paths(self, paths: Sequence[str | Path]) -> "ImageData | None":
-        """The examples of ``paths`` in that order, or None if some are not here."""
-        where = {p: i for i, p in enumerate(self.paths)}
-        try:
-            return self.rows(torch.as_tensor([where[str(p)] for p in paths], dtype=torch.long))
-        except KeyError:
-            return None
-
-    def holdout(self, fraction: float = 0.2, seed: int = 0) -> tuple["ImageData", "ImageData"]:
-        """Stratified split into (rest, held out), as :meth:`TapData.holdout`."""
-        keep_index, held_index = stratified_holdout(self.labels, fraction, seed)
-        return self.rows(keep_index), self.rows(held_index)
+    def ids(self) -> list[str]:
+        """The image file of each example."""
+        return self.paths
 
     def images(self, index: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """Normalised float32 images ``(B, 3, H, W)`` of the examples at ``index``."""
         return self.pipeline.normalize(self.pixels[index].to(device))
 
-    def batches(self, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Minibatches ``({"images": ...}, labels)`` in :meth:`TapData.batches` order."""
-        for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
-            yield {IMAGES_KEY: self.images(idx, device)}, self.labels[idx].to(device)
+    def batch(self, index: torch.Tensor, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """``{"images": ...}`` of the examples at ``index``: what in-loop methods read."""
+        return {IMAGES_KEY: self.images(index, device)}
 
 
 def preprocess(backbone: FrozenBackbone, images: Sequence[str | Path | Image.Image],

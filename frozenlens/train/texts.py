@@ -17,7 +17,7 @@ by :attr:`frozenlens.data.text.TextItem.key` (``select_paths`` takes those keys)
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from frozenlens.backbones.text import MASK_KEY, TextBackbone
 from frozenlens.data.text import TextTask
 from frozenlens.errors import FrozenlensError
-from frozenlens.train.data import minibatch_indices, stratified_holdout
+from frozenlens.train.data import ExampleRows
 
 TOKENIZE_CHUNK = 1024
 """Texts tokenized per call when building :class:`TextData` (bounds the tokenizer's padding)."""
@@ -47,7 +47,7 @@ def _as_features(encoded: dict[str, torch.Tensor], device: str | torch.device) -
             for key, value in encoded.items()}
 
 
-class TextData:
+class TextData(ExampleRows):
     """Tokenized texts of one split with their labels, kept in memory.
 
     Attributes:
@@ -92,9 +92,6 @@ class TextData:
         return cls.from_texts([i.text for i in items], [i.label for i in items], task.num_classes, backbone,
                               keys=[i.key for i in items], progress=progress, desc=f"tokenizing {split}")
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
     @property
     def nbytes(self) -> int:
         """Memory held by the token tensors."""
@@ -107,32 +104,15 @@ class TextData:
         return TextData({k: v[index, :width] for k, v in self.tokens.items()}, self.labels[index],
                         self.num_classes, [self.keys[int(i)] for i in index])
 
-    def select_paths(self, ids: Sequence[str]) -> "TextData | None":
-        """The examples named by ``ids`` (:attr:`TextItem.key` strings) in that order, or None if
-        some are not here."""
-        where = {key: i for i, key in enumerate(self.keys)}
-        try:
-            return self.rows(torch.as_tensor([where[str(k)] for k in ids], dtype=torch.long))
-        except KeyError:
-            return None
-
-    def holdout(self, fraction: float = 0.2, seed: int = 0) -> tuple["TextData", "TextData"]:
-        """Stratified split into (rest, held out), as :meth:`TapData.holdout`."""
-        keep_index, held_index = stratified_holdout(self.labels, fraction, seed)
-        return self.rows(keep_index), self.rows(held_index)
+    def ids(self) -> list[str]:
+        """The :attr:`TextItem.key` of each example."""
+        return self.keys
 
     def batch(self, index: torch.Tensor, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The examples at ``index`` as one feature dict, cut to their longest text, on ``device``."""
         width = int(self.lengths[index].max())
         return _as_features({k: v[index, :width] for k, v in self.tokens.items()}, device)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Minibatches ``(features, labels)`` in :meth:`TapData.batches` order
-        (:func:`~frozenlens.train.data.minibatch_indices`)."""
-        for idx in minibatch_indices(len(self), batch_size, shuffle=shuffle, generator=generator):
-            yield self.batch(idx, device), self.labels[idx].to(device)
 
 
 def _pad_values(backbone: TextBackbone) -> dict[str, int]:
