@@ -34,7 +34,7 @@ from frozenlens.methods.base import convert_setting
 from frozenlens.protocol import MethodResult, run_protocol, score_test
 from frozenlens.report import result_record, write_results
 from frozenlens.store import ActivationStore, TapSource, check_disk_room, extract, find_task_store, token_maps
-from frozenlens.store.examples import TextExamples, examples_of
+from frozenlens.store.examples import TextExamples, task_examples
 from frozenlens.train.images import IMAGES_KEY, as_pil, preprocess
 from frozenlens.train.trainer import TrainConfig
 
@@ -351,11 +351,7 @@ taps of the methods asked for (``needed``)."""
 def training_images(task: AnyTask) -> list[str] | TextExamples:
     """Every example the protocol trains or selects on (all splits but ``test``), once each: image
     paths, or for a text task its texts (:class:`~frozenlens.store.examples.TextExamples`)."""
-    seen: dict[str, Any] = {}
-    for split, items in task.splits.items():
-        if split != "test":
-            seen.update((item_id(i), i) for i in items)
-    return examples_of(list(seen.values()))
+    return task_examples(task, [split for split in task.splits if split != "test"])
 
 
 def _check_modality(task: AnyTask, net: FrozenBackbone | TextBackbone | TapSource) -> None:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.taps import Tap
 from frozenlens.backbones.text import TextBackbone
+from frozenlens.data import item_id
 from frozenlens.data.text import TextItem
 from frozenlens.errors import StoreError
 from frozenlens.store.fingerprint import images_fingerprint
@@ -63,10 +64,6 @@ class TextExamples:
         return self._lengths[backbone.tokenizer_hash]
 
 
-Examples = "Sequence[str | Path] | TextExamples"
-"""Rows of a store: image files, or :class:`TextExamples`."""
-
-
 class TextRows(Dataset):
     """Item ``i``: ``(i, texts[i])`` (tokenized per batch, by :func:`forward_batch`)."""
 
@@ -92,7 +89,7 @@ def task_examples(task: Any, splits: Sequence[str] | None = None) -> "list[str] 
     seen: dict[str, Any] = {}
     for name, items in task.splits.items():
         if splits is None or name in splits:
-            seen.update((i.key if isinstance(i, TextItem) else str(i.path), i) for i in items)
+            seen.update((item_id(i), i) for i in items)
     return examples_of(list(seen.values()))
 
 
