@@ -62,6 +62,9 @@ class MethodResult:
     """Every seed's final model, in seed order (``model`` is the first)."""
     test_pending: bool = False
     """True when the test split is to be scored later, in one streaming pass (:func:`score_test`)."""
+    train_losses: list[list[float]] = field(default_factory=list)
+    """Every seed's mean training loss per epoch, in seed order (methods that train in phases,
+    e.g. Head2Toe's selection then retraining, list the phases one after the other)."""
 
     @property
     def test_mean(self) -> float | None:
@@ -158,7 +161,8 @@ def run_protocol(
                       "+".join(str(c.seed) for c in group), " together" if len(group) > 1 else "")
         models = [build_method(method, result.config, backbone, len(task.classes)) for _ in group]
         with Measure(group[0].device) as measured:
-            type(models[0]).fit_many(models, data.get("trainval", models[0]), group, progress=progress)
+            losses = type(models[0]).fit_many(models, data.get("trainval", models[0]), group, progress=progress)
+        result.train_losses += [[float(v) for v in curve] for curve in losses]
         result.train_seconds += measured.seconds / len(seeds)
         result.peak_memory_mb = max(result.peak_memory_mb, measured.peak_mb)
         if "test" in task.splits and data.has("test", models[0]):  # each model reads its own taps: a

@@ -98,6 +98,20 @@ def test_local_bench_end_to_end(uninterrupted):
     assert len(cells) == 2 + 2 + 2           # linear: search, final (2 seeds); bitfit: 2 grid points, 2 seeds
 
 
+def test_report_shows_where_training_ended(uninterrupted):
+    """Each final run keeps its per-epoch loss curve; the report's loss is the mean last epoch."""
+    report, tmp_path = uninterrupted
+    for row in report.rows:
+        finals = [json.loads(p.read_text())["result"] for p in (tmp_path / "cells" / "colours" / row["method"])
+                  .rglob("final*.json")]
+        curves = [curve for f in finals for curve in f["train_losses"]]
+        assert len(curves) == 2 and all(len(c) == 2 for c in curves)          # 2 seeds x 2 epochs
+        assert row["final_train_loss"] == pytest.approx(sum(c[-1] for c in curves) / 2)
+        assert 0 < row["final_train_loss"] < 10
+    assert "last-epoch train loss" in (tmp_path / "report.md").read_text()
+    assert "final_train_loss" in (tmp_path / "report.csv").read_text().splitlines()[0]
+
+
 def test_bench_reports_which_layers_matter(bench_task, tmp_path):
     """InCA's per-block selection accuracies and VQT's per-block ablation reach the report and plot."""
     report = run_bench(tiny(bench_task, tmp_path, ["inca:layers=1+2", "vqt"], epochs=1, grid={}))

@@ -70,12 +70,14 @@ def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
     cost_cells = [g for _, g in grid_results] + finals
     grid_seconds = sum(g["cell_seconds"] for _, g in grid_results) if grid_results else None
     seconds = [f["train_seconds"] for f in finals]
+    last_losses = [curve[-1] for f in finals for curve in f.get("train_losses", []) if curve]
     mean, std = _mean_std(accs)
     return {**base, "seeds": list(group.seeds), "test_accuracies": accs, "test_accuracy_mean": mean,
             "test_accuracy_std": std, "grid": grid,
             "best_val_accuracy": max((g["val_accuracy"] for g in grid), default=None),
             "selected": selected, "trainable_params": final["trainable_params"],
             "train_seconds_per_seed": statistics.fmean(seconds),
+            "final_train_loss": statistics.fmean(last_losses) if last_losses else None,
             "grid_seconds": grid_seconds,
             "peak_memory_mb": max(c["peak_memory_mb"] for c in cost_cells),
             "train_step_gflops_per_image": final["train_step_gflops_per_image"],
@@ -135,6 +137,8 @@ def aggregate(config: BenchConfig, groups: list[Any], results: dict["Cell", dict
         row["trainable_params"] = round(statistics.fmean(e["trainable_params"] for e in mine))
         row["peak_memory_mb"] = max(e["peak_memory_mb"] for e in mine)
         row["train_seconds_per_seed"] = statistics.fmean(e["train_seconds_per_seed"] for e in mine)
+        losses = [e.get("final_train_loss") for e in mine]
+        row["final_train_loss"] = statistics.fmean(losses) if None not in losses else None
         for key in ("train_step_gflops_per_image", "forward_gflops_per_image", "extract_gflops_per_image"):
             row[key] = statistics.fmean(e[key] for e in mine)
         row["store_bytes_per_image"] = max(e["store_bytes_per_image"] for e in mine)
@@ -156,6 +160,8 @@ def _pm(cell: dict[str, Any]) -> str:
 COST_COLUMNS = [("trainable params", lambda r: f"{r['trainable_params']:,}"),
                 ("peak train mem (MB)", lambda r: f"{r['peak_memory_mb']:.0f}"),
                 ("train s/seed", lambda r: f"{r['train_seconds_per_seed']:.1f}"),
+                ("last-epoch train loss", lambda r: "—" if r.get("final_train_loss") is None
+                 else f"{r['final_train_loss']:.3f}"),
                 ("train GFLOPs/img", lambda r: f"{r['train_step_gflops_per_image']:.3g}"),
                 ("extract GFLOPs/img", lambda r: f"{r['extract_gflops_per_image']:.3g}" if not r["in_loop"] else "—"),
                 ("stored KB/img", lambda r: f"{r['store_bytes_per_image'] / 1024:.1f}" if not r["in_loop"] else "—")]
@@ -233,8 +239,9 @@ def csv_text(report: BenchReport) -> str:
             for t in ctx["tasks"]:
                 columns += [f"{t} {k}-shot mean", f"{t} {k}-shot std"]
             columns.append(f"{k}-shot group mean")
-    costs = ["trainable_params", "peak_memory_mb", "train_seconds_per_seed", "train_step_gflops_per_image",
-             "forward_gflops_per_image", "extract_gflops_per_image", "store_bytes_per_image"]
+    costs = ["trainable_params", "peak_memory_mb", "train_seconds_per_seed", "final_train_loss",
+             "train_step_gflops_per_image", "forward_gflops_per_image", "extract_gflops_per_image",
+             "store_bytes_per_image"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns + ["epochs"] + costs)
@@ -251,7 +258,7 @@ def csv_text(report: BenchReport) -> str:
                     line += [cell["mean"], cell["std"]]
                 line.append(r["shots"][str(k)]["group_mean"])
         writer.writerow(["" if v is None else v for v in line] + ["/".join(map(str, r["epochs"]))]
-                        + [r[c] for c in costs])
+                        + ["" if r.get(c) is None else r[c] for c in costs])
     return buffer.getvalue()
 
 

@@ -142,7 +142,7 @@ class Workspace:
                     "peak_memory_mb": found.peak_memory_mb}
         out: dict[str, Any] = {"cell_seconds": whole.seconds, "cell_peak_memory_mb": whole.peak_mb,
                                "train_seconds": result.train_seconds, "peak_memory_mb": result.peak_memory_mb,
-                               "trainable_params": result.trainable_params}
+                               "trainable_params": result.trainable_params, "train_losses": result.train_losses}
         if cell.stage == "grid":
             out["val_accuracy"] = result.test_accuracies[0]
             return out
