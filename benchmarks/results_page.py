@@ -241,8 +241,8 @@ def page(reports: dict[str, BenchReport | None], command: str) -> str:
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(line) + " |" for line in body]
         rel = Path("..") / (BENCH / kind).relative_to(REPO_ROOT)
-        plots = [p for p in ("accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_per_layer.png")
-                 if (BENCH / kind / p).is_file()]
+        plots = [p for p in ("accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_per_layer.png",
+                             "training_loss.png") if (BENCH / kind / p).is_file()]
         lines += ["", "Plots: " + ", ".join(f"[{p}]({rel / p})" for p in plots) + f"; full report: "
                   f"[report.md]({rel / 'report.md'}).", ""]
     lines += ["## The papers' claims, checked", "",

@@ -108,6 +108,9 @@ def test_report_shows_where_training_ended(uninterrupted):
         assert len(curves) == 2 and all(len(c) == 2 for c in curves)          # 2 seeds x 2 epochs
         assert row["final_train_loss"] == pytest.approx(sum(c[-1] for c in curves) / 2)
         assert 0 < row["final_train_loss"] < 10
+    entries = json.loads((tmp_path / "report.json").read_text())["entries"]
+    assert all(len(e["train_loss_curve"]) == 2 for e in entries)
+    assert (tmp_path / "training_loss.png").stat().st_size > 0
     assert "last-epoch train loss" in (tmp_path / "report.md").read_text()
     assert "final_train_loss" in (tmp_path / "report.csv").read_text().splitlines()[0]
 

@@ -4,7 +4,9 @@
 * ``accuracy_vs_memory.png``: mean accuracy against peak training memory;
 * ``accuracy_per_layer.png``: InCA's per-block adapter accuracy and VQT's accuracy with one
   block's summaries mean-ablated: which blocks matter (when the bench ran either);
-* ``accuracy_vs_shots.png`` (few-shot): mean accuracy against shots per class.
+* ``accuracy_vs_shots.png`` (few-shot): mean accuracy against shots per class;
+* ``training_loss.png`` (VTAB): each method's training loss per epoch of its final runs, one panel
+  per task: whether its epochs were enough.
 """
 
 from __future__ import annotations
@@ -96,6 +98,29 @@ def _shots(report: Any, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _losses(report: Any, path: Path) -> Path | None:
+    from matplotlib.figure import Figure
+
+    tasks = report.context["tasks"]
+    entries = [e for e in report.entries if e.get("train_loss_curve")]
+    if not entries:
+        return None
+    figure = Figure(figsize=(6.5, 3.2 * len(tasks)))
+    for index, task in enumerate(tasks):
+        axes = figure.add_subplot(len(tasks), 1, index + 1)
+        for e in (e for e in entries if e["task"] == task):
+            curve = e["train_loss_curve"]
+            axes.plot(range(1, len(curve) + 1), curve, label=e["method"])
+        axes.set_yscale("log")
+        axes.set_xlabel("epoch (methods that train in phases: the phases one after the other)")
+        axes.set_ylabel("training loss")
+        axes.set_title(f"{task}: training loss of the final runs (mean over seeds)", fontsize=9)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def write_plots(out_dir: Path, report: Any) -> list[Path]:
     """Write the plots of ``report`` into ``out_dir``; returns their paths.
 
@@ -111,4 +136,6 @@ def write_plots(out_dir: Path, report: Any) -> list[Path]:
         written.append(layers)
     if report.context["protocol"] == "fewshot":
         written.append(_shots(report, out_dir / "accuracy_vs_shots.png"))
+    else:
+        written += filter(None, [_losses(report, out_dir / "training_loss.png")])
     return written

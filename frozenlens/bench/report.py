@@ -54,6 +54,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.pstdev(values)
 
 
+def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float] | None:
+    """The per-epoch mean of equally long loss curves (None when there are none, or they differ)."""
+    if not curves or len({len(c) for c in curves}) > 1:
+        return None
+    return [statistics.fmean(values) for values in zip(*curves)]
+
+
 def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
     """One task view x method, from its cells' results."""
     base = {"task": group.task, "shots": group.shots, "draw": group.draw, "method": group.spec.text,
@@ -70,7 +77,8 @@ def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
     cost_cells = [g for _, g in grid_results] + finals
     grid_seconds = sum(g["cell_seconds"] for _, g in grid_results) if grid_results else None
     seconds = [f["train_seconds"] for f in finals]
-    last_losses = [curve[-1] for f in finals for curve in f.get("train_losses", []) if curve]
+    curves = [curve for f in finals for curve in f.get("train_losses", []) if curve]
+    last_losses = [curve[-1] for curve in curves]
     mean, std = _mean_std(accs)
     return {**base, "seeds": list(group.seeds), "test_accuracies": accs, "test_accuracy_mean": mean,
             "test_accuracy_std": std, "grid": grid,
@@ -78,6 +86,7 @@ def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
             "selected": selected, "trainable_params": final["trainable_params"],
             "train_seconds_per_seed": statistics.fmean(seconds),
             "final_train_loss": statistics.fmean(last_losses) if last_losses else None,
+            "train_loss_curve": _mean_curve(curves),
             "grid_seconds": grid_seconds,
             "peak_memory_mb": max(c["peak_memory_mb"] for c in cost_cells),
             "train_step_gflops_per_image": final["train_step_gflops_per_image"],
