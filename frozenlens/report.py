@@ -28,6 +28,7 @@ def result_record(label: str, result: MethodResult, store_bytes_per_image: float
         "test_accuracy_std": result.test_std,
         "trainable_params": result.trainable_params,
         "train_seconds": result.train_seconds,
+        "train_losses": result.train_losses,
         "peak_memory_mb": result.peak_memory_mb,
         "store_bytes_per_image": store_bytes_per_image,
     }

@@ -28,6 +28,8 @@ def test_fit_writes_adapters_and_results_then_predict(tiny_task, tmp_path, capsy
     linear = results["results"][0]
     assert len(linear["test_accuracies"]) == 2 and len(linear["grid"]) == 12
     assert linear["test_accuracy_mean"] > 0.6  # colour task, chance is 1/3
+    assert [len(curve) for curve in linear["train_losses"]] == [15, 15]     # per seed, per epoch
+    assert all(curve[-1] < curve[0] for curve in linear["train_losses"])
     assert (out / "results.md").read_text().count("|") > 10
     adapter = out / "linear"
     meta = json.loads((adapter / "adapter.json").read_text())
