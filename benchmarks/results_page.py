@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -258,6 +259,7 @@ def page(reports: dict[str, BenchReport | None], command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)   # "finished <cell>" lines
     os.chdir(REPO_ROOT)                                  # method specs name runs/... relative to the repository
     if not args.page_only:
         run(args)

@@ -149,6 +149,7 @@ def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterr
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(before)} cell(s) already finished" in resumed.stderr
+    assert "bitfit:" in resumed.stderr and "epoch/s" in resumed.stderr      # a cell's own epoch bar
     for path, (content, mtime) in before.items():
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
     assert len(list(out.glob("cells/**/*.json"))) == 2 + 2 + 2

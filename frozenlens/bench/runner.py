@@ -64,7 +64,7 @@ class LocalEngine:
     def run(self, cells: list[Cell], done: Done, bar: tqdm) -> None:
         for cell in cells:
             bar.set_postfix_str(cell.describe(), refresh=True)
-            done(cell, self.ws.execute(cell))
+            done(cell, self.ws.execute(cell, progress=self.ws.config.progress))
 
     def close(self) -> None:
         return None

@@ -118,8 +118,8 @@ class Workspace:
                 "splits": split_signature(view)}
 
     # -- cells --------------------------------------------------------------------------
-    def execute(self, cell: Cell) -> dict[str, Any]:
-        """Compute ``cell``; returns its JSON-able result."""
+    def execute(self, cell: Cell, progress: bool = False) -> dict[str, Any]:
+        """Compute ``cell``; returns its JSON-able result. ``progress`` shows its epoch bars."""
         spec = MethodSpec.parse(cell.method)
         view = self.view(cell)
         config = spec.config()
@@ -129,13 +129,14 @@ class Workspace:
         with Measure(self.config.device) as whole:
             if cell.stage == "search":
                 found = search_grid(spec.name, config, store, view, self.backbone, train_config=cfg,
-                                    grid=grid_of(spec, self.config, view))
+                                    grid=grid_of(spec, self.config, view), progress=progress)
             else:
                 train_changes, config_changes = split_point(cell.point_dict, config)
                 point_view = selection_view(view) if cell.stage == "grid" else view
                 seeds = (cfg.seed,) if cell.stage == "grid" else cell.seeds
                 result = run_protocol(spec.name, dataclasses.replace(config, **config_changes), store, point_view,
-                                      self.backbone, train_config=cfg.updated(**train_changes), seeds=seeds)
+                                      self.backbone, train_config=cfg.updated(**train_changes), seeds=seeds,
+                                      progress=progress)
         if cell.stage == "search":
             return {"cell_seconds": whole.seconds, "cell_peak_memory_mb": whole.peak_mb, "grid": found.rows,
                     "point": sorted(found.point.items()), "train_seconds": found.seconds,
