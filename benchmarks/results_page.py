@@ -84,6 +84,10 @@ CLAIMS = [
     ("TOAST", "TOAST-Lite, tuning about as many parameters as LoRA, is more accurate than LoRA",
      ("toast-lite", "lora"), "inloop", "FGVC mean, ViT-B/16: TOAST-Lite 86.0 (0.9 M params) vs LoRA 79.8 (0.3 M) "
                                       "(TOAST Table 8)"),
+    ("InCA", "InCA's single top-scoring block beats a linear probe of the last block; information absent in "
+             "the last block can sit in an intermediate one", ("inca", "linear"), "store",
+     "11 downstream tasks, ViT-L/16: the top-scoring adapter is within 0.2% of full fine-tuning; intermediate "
+     "layers matter most on fine-grained tasks (InCA abstract; our copy of the paper has no tables)"),
     ("InCA", "a single top-scoring InCA adapter performs comparably to full fine-tuning", ("inca", "full"), None,
      "11 downstream tasks, ViT-L/16: within 0.2% of full fine-tuning (InCA abstract)"),
 ]
@@ -212,12 +216,25 @@ def verdict(claim: tuple, reports: dict[str, BenchReport | None]) -> tuple[str, 
     ours = (f"{better} {100 * a['group_mean']:.2f} ({sizes[ka]} px, {a['trainable_params']:,} params) vs {worse} "
             f"{100 * b['group_mean']:.2f} ({sizes[kb]} px, {b['trainable_params']:,} params), mean over "
             f"{', '.join(reports[ka].context['tasks'])}")
+    if better == "inca":
+        ours += best_blocks(reports[ka])
     if kind is None or sizes[ka] != sizes[kb]:
         return ours, "not comparable here (different resolutions / training regimes)"
     tasks = reports[ka].context["tasks"]
     wins = sum(a["tasks"][t]["mean"] > b["tasks"][t]["mean"] for t in tasks)
     margin = f"{100 * (a['group_mean'] - b['group_mean']):+.2f} points; better on {wins} of {len(tasks)} tasks"
     return ours, ("**holds**" if a["group_mean"] > b["group_mean"] else "**does not hold**") + f" ({margin})"
+
+
+def best_blocks(report: BenchReport) -> str:
+    """Which block InCA's selection picked on each task, of how many (from the report's per-block scores)."""
+    picks = []
+    for e in report.entries:
+        layers = e.get("layers")
+        if e["method"] == "inca" and layers and layers["kind"] == "inca-selection":
+            best = max(range(len(layers["blocks"])), key=lambda i: layers["accuracy"][i])
+            picks.append(f"{e['task']} block {layers['blocks'][best]} of {len(layers['blocks'])}")
+    return "; top-scoring block (0 = first): " + ", ".join(picks) if picks else ""
 
 
 def page(reports: dict[str, BenchReport | None], command: str) -> str:
