@@ -4,9 +4,9 @@ Two benches (``frozenlens.bench``, VTAB-1k protocol) on the real tasks cifar10 a
 (``../shared/data``) and the Fashion-MNIST task the demo builds:
 
 * store methods (linear, head2toe, vqt, inca, mist, last) at 224 px;
-* in-loop methods (toast, toast pre-tuned on AID, toast-lite, full, partial, bitfit, lora, vpt-deep,
-  adaptformer, vqt+vpt, vqt+adaptformer) at 56 px on CPU, on cifar10 and Fashion-MNIST only (images of
-  32 and 28 px, which lose nothing at 56 px; AID's 600 px images would).
+* in-loop methods (toast, toast pre-tuned on AID, toast-lite, toast early/late, full, partial, bitfit,
+  lora, vpt shallow/deep, adaptformer, vqt+vpt, vqt+adaptformer) at 56 px on CPU, on cifar10 and
+  Fashion-MNIST only (images of 32 and 28 px, which lose nothing at 56 px; AID's 600 px images would).
 
 The full recipe (each method's own epochs and grid, 3 seeds) takes many CPU hours:
 
@@ -50,8 +50,8 @@ PRETUNED_TOAST = f"toast:pretuned={PRETUNE_DIR}"
 """TOAST started from feedback modules pre-tuned on AID's training images (a task the in-loop bench does
 not test), made by :data:`PRETUNE_COMMAND` when missing; the paper pre-tunes on ImageNet-1k, which is not
 on this machine."""
-LOOP_METHODS = ["toast", PRETUNED_TOAST, "toast-lite", "full", "partial", "bitfit", "lora", "vpt-deep", "adaptformer",
-                "vqt+vpt", "vqt+adaptformer"]
+LOOP_METHODS = ["toast", PRETUNED_TOAST, "toast-lite", "toast:feedback=early", "toast:feedback=late", "full", "partial",
+                "bitfit", "lora", "vpt-shallow", "vpt-deep", "adaptformer", "vqt+vpt", "vqt+adaptformer"]
 PAGE = REPO_ROOT / "docs" / "results.md"
 BENCH = RESULTS / "bench"
 
