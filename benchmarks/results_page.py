@@ -216,6 +216,9 @@ def verdict(claim: tuple, reports: dict[str, BenchReport | None]) -> tuple[str, 
     ours = (f"{better} {100 * a['group_mean']:.2f} ({sizes[ka]} px, {a['trainable_params']:,} params) vs {worse} "
             f"{100 * b['group_mean']:.2f} ({sizes[kb]} px, {b['trainable_params']:,} params), mean over "
             f"{', '.join(reports[ka].context['tasks'])}")
+    if a.get("final_train_loss") is not None and b.get("final_train_loss") is not None:
+        ours += (f"; last-epoch train loss {better} {a['final_train_loss']:.3f}, {worse} "
+                 f"{b['final_train_loss']:.3f}")
     if better == "inca":
         ours += best_blocks(reports[ka])
     if kind is None or sizes[ka] != sizes[kb]:
