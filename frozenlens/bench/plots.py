@@ -116,7 +116,7 @@ def _losses(report: Any, path: Path) -> Path | None:
         axes.set_ylabel("training loss")
         axes.set_title(f"{task}: training loss of the final runs (mean over seeds)", fontsize=9)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))       # beside, not over, the curves
     figure.tight_layout()
     return _save(figure, path)
 
