@@ -190,7 +190,8 @@ def test_late_feedback_reuses_pass_one_below_the_middle(tiny_backbone):
 
 @pytest.mark.parametrize("settings, message", [({"feedback": "sideways"}, "feedback='sideways'"),
                                                ({"feedback": "late", "middle": 12}, "middle=12"),
-                                               ({"lora_rank": 0}, "lora_rank=0")])
+                                               ({"lora_rank": 0}, "lora_rank=0"),
+                                               ({"head_init": "ones"}, "head_init='ones'")])
 def test_bad_settings_are_clear_errors(tiny_backbone, settings, message):
     from frozenlens.errors import FrozenlensError
 
@@ -440,3 +441,17 @@ def test_attention_maps_are_cls_to_patch_attention_of_the_last_block(tiny_backbo
     assert np.allclose(maps.pass1, expected, atol=1e-6)
     assert not np.allclose(maps.pass2, maps.pass1)
     assert abs(maps.probabilities.sum() - 1) < 1e-5
+
+
+def test_zero_head_starts_every_class_at_log_c_and_the_reference_head_does_not(tiny_backbone):
+    """``head_init=zero`` (the PETL baselines' start) gives loss ln C before training, after every
+    reset; the default keeps the reference code's Kaiming fan-out head."""
+    images, labels = _images(tiny_backbone), torch.tensor([0, 2])
+    zero = build_method("toast", {"head_init": "zero"}, tiny_backbone, 3)
+    zero.reset_trainable(seed=1)
+    reference = build_method("toast", None, tiny_backbone, 3)
+    with torch.no_grad():
+        loss = F.cross_entropy(zero.passes(images).logits, labels)
+        torch.testing.assert_close(loss, torch.log(torch.tensor(3.0)))
+        assert reference.head.weight.abs().sum() > 0 and torch.allclose(
+            reference.head.bias, torch.full((3,), -float(np.log(99))))

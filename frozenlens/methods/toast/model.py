@@ -54,7 +54,7 @@ from frozenlens.backbones.hooks import Edits, edited_model, run_blocks, value_in
 from frozenlens.backbones.text import MASK_KEY, TextBackbone
 from frozenlens.errors import AdapterError, FrozenlensError
 from frozenlens.methods.base import Method, backbone_modality, register
-from frozenlens.methods.layers import init_kaiming_head
+from frozenlens.methods.layers import init_kaiming_head, init_zero_head
 from frozenlens.methods.toast.core import FeatureSelection, FeedbackLayer, run_feedback, variational_loss
 from frozenlens.train.stacked import train_many
 from frozenlens.train.trainer import Objective, TrainConfig, cross_entropy_objective, seeded, train
@@ -64,6 +64,7 @@ __all__ = ["TOAST", "TOASTLite", "TOASTConfig", "TOASTLiteConfig", "TOASTPasses"
 
 FEEDBACK_MODES = ("full", "early", "late")
 POOLS = ("auto", "cls", "mean")
+HEAD_INITS = ("reference", "zero")
 
 
 # -- which blocks take part -----------------------------------------------------------
@@ -128,6 +129,10 @@ class TOASTConfig:
             reconstructs its layer's input from its output) added to the task loss when
             fitting. 0 (default): the paper's tuning stage, task loss only (it uses the
             loss in pre-tuning, weight 0.03); TOAST-LM trains with 0.01.
+        head_init: ``"reference"`` (default: Kaiming-normal fan-out weights and bias
+            ``-log(99)``, as the reference code's head; with few classes its logits start
+            large, e.g. a cross-entropy near 17 on 10 classes of DINOv2-S) or ``"zero"``
+            (every class starts at the same logit, loss ln C, as frozenlens' PETL baselines).
     """
 
     feedback: str = "full"
@@ -136,11 +141,14 @@ class TOASTConfig:
     tune_p: bool = True
     pool: str = "auto"
     variational_weight: float = 0.0
+    head_init: str = "reference"
 
     def __post_init__(self) -> None:
-        """Refuse a pooling or variational weight that cannot work (the message names the value)."""
+        """Refuse a pooling, head start or variational weight that cannot work (the message names the value)."""
         if self.pool not in POOLS:
             raise FrozenlensError(f"pool={self.pool!r}: use one of {', '.join(POOLS)}")
+        if self.head_init not in HEAD_INITS:
+            raise FrozenlensError(f"head_init={self.head_init!r}: use one of {', '.join(HEAD_INITS)}")
         weight = self.variational_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
             raise FrozenlensError(f"variational_weight={weight!r}: use a number of 0 or more (0: off)")
@@ -214,7 +222,7 @@ class TOAST(Method):
         self.feedback = nn.ModuleDict({str(i): FeedbackLayer.linear(dim, rank, alpha) for i in self.plan.layers})
         self.head = nn.Linear(dim, num_classes)
         self.selection.channel_transform.requires_grad_(config.tune_p)
-        _init_head(self.head)
+        _init_head(self.head, self.config.head_init)
 
     @classmethod
     def taps(cls, config: TOASTConfig, backbone: dict[str, Any]) -> list:
@@ -249,7 +257,7 @@ class TOAST(Method):
             self.selection.reset_parameters()
             for layer in self.feedback.values():
                 layer.reset_parameters()
-            _init_head(self.head)
+            _init_head(self.head, self.config.head_init)
         if self.config.pretuned:
             self.load_pretuned(self.config.pretuned)
 
@@ -393,9 +401,12 @@ class TOASTLite(TOAST):
                "(about 1% of the backbone's parameters)")
 
 
-def _init_head(linear: nn.Linear) -> None:
-    """Kaiming-normal (fan out) weights; bias ``-log(99)`` (prior probability 0.01), as the
-    reference code's head (its MLP with ``special_bias``)."""
+def _init_head(linear: nn.Linear, how: str = "reference") -> None:
+    """``"reference"``: Kaiming-normal (fan out) weights, bias ``-log(99)`` (prior probability
+    0.01), as the reference code's head (its MLP with ``special_bias``); ``"zero"``: zeros."""
+    if how == "zero":
+        init_zero_head(linear)
+        return
     init_kaiming_head(linear)
     nn.init.constant_(linear.bias, -math.log((1 - 0.01) / 0.01))
 
