@@ -44,8 +44,9 @@ from frozenlens.cli.bench import _grid  # noqa: E402
 STORE_METHODS = ["linear", "head2toe", "vqt", "inca", "mist", "last"]
 FULL = {"store_img_size": 224, "inloop_img_size": 56, "seeds": 3, "epochs": None, "grid": None}
 PRETUNE_DIR = "runs/toast-pretuned-aid-56"
-PRETUNE_COMMAND = (f"frozenlens pretune toast ../shared/data/aid --out {PRETUNE_DIR} --epochs 20 "
-                   f"--img-size 56")
+PRETUNE_EPOCHS, PRETUNE_IMG_SIZE = 20, 56
+PRETUNE_COMMAND = (f"frozenlens pretune toast ../shared/data/aid --out {PRETUNE_DIR} --epochs {PRETUNE_EPOCHS} "
+                   f"--img-size {PRETUNE_IMG_SIZE}")
 PRETUNED_TOAST = f"toast:pretuned={PRETUNE_DIR}"
 """TOAST started from feedback modules pre-tuned on AID's training images (a task the in-loop bench does
 not test), made by :data:`PRETUNE_COMMAND` when missing; the paper pre-tunes on ImageNet-1k, which is not
@@ -114,7 +115,7 @@ DIAGNOSTICS = {
         "TOAST starts from the reference code's head (Kaiming fan-out), whose first-epoch loss is 17-24 on these "
         "10-class tasks, while the PETL baselines start from a zero head at ln 10. The same shortened in-loop "
         "recipe with `head_init=zero` shows how much of TOAST's gap that start explains; compare with `toast` "
-        "in the in-loop table."),
+        "in the in-loop table. Its \"train s/seed\" ran beside the test suite: not a timing."),
 }
 """Side runs that check one explanation of a verdict: folder under benchmarks/results/bench -> (title,
 command, why). They are run by hand with their command and never feed a verdict."""
@@ -199,7 +200,7 @@ def ensure_pretuned(device: str) -> None:
     if not (folder / "adapter.json").is_file():
         print(f"pre-tuning TOAST: {PRETUNE_COMMAND}")
         pretune_from_cli("toast", [REPO_ROOT.parent / "shared" / "data" / "aid"], folder,
-                         backbone=DEFAULT_BACKBONE, img_size=56, epochs=20, device=device)
+                         backbone=DEFAULT_BACKBONE, img_size=PRETUNE_IMG_SIZE, epochs=PRETUNE_EPOCHS, device=device)
 
 
 def load(kind: str) -> BenchReport | None:
@@ -257,6 +258,13 @@ def best_blocks(report: BenchReport) -> str:
     return "; top-scoring block (0 = first): " + ", ".join(picks) if picks else ""
 
 
+def markdown_table(report: BenchReport) -> list[str]:
+    """The report's main table as Markdown lines."""
+    header, body = table(report)
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(line) + " |" for line in body)]
+
+
 def diagnostics_section() -> list[str]:
     """The diagnostic runs that exist, each with its table, command and reason."""
     lines: list[str] = []
@@ -264,11 +272,8 @@ def diagnostics_section() -> list[str]:
         report = load(folder)
         if report is None:
             continue
-        header, body = table(report)
         lines += [f"### {title}", "", why, "", recipe(report, "shortened: as the in-loop table"), "",
-                  f"Command: `{command}`.", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                  *("| " + " | ".join(line) + " |" for line in body), ""]
+                  f"Command: `{command}`.", "", *markdown_table(report), ""]
     return ["## Diagnostics", "", *lines] if lines else []
 
 
@@ -287,12 +292,10 @@ def page(reports: dict[str, BenchReport | None], command: str) -> str:
     for kind, report in reports.items():
         if report is None:
             continue
-        header, body = table(report)
         command = report.context.get("extra", {}).get("command")
         lines += [f"## {titles[kind]}", "", recipe(report), "", *([f"Command: `{command}`.", ""] if command else []),
                   *NOTES.get(kind, []), f"**Selection rule.** {report.context['selection_rule']}.", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(line) + " |" for line in body]
+                  *markdown_table(report)]
         rel = Path("..") / (BENCH / kind).relative_to(REPO_ROOT)
         plots = [p for p in ("accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_per_layer.png",
                              "training_loss.png") if (BENCH / kind / p).is_file()]
