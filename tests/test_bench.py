@@ -126,6 +126,19 @@ def test_bench_reports_which_layers_matter(bench_task, tmp_path):
     assert "Which blocks matter" in (tmp_path / "report.md").read_text()
 
 
+def test_bench_reports_what_each_seed_chose(bench_task, tmp_path):
+    """MIST's k and InCA's kept block, chosen by each final model on its own holdout, reach the report."""
+    report = run_bench(tiny(bench_task, tmp_path, ["mist", "inca:layers=1+2"], epochs=1, grid={}, seeds=2))
+    mist, inca = report.entries
+    assert len(mist["choices"]) == len(inca["choices"]) == 2                 # one per seed
+    for choice in mist["choices"]:
+        assert sorted(map(int, choice["held_out_accuracy"])) == [4, 8, 12]   # N/3, 2N/3, N of 12 blocks
+        assert choice["gather_depth"] in (4, 8, 12)
+    assert all(choice["layers"][0] in (1, 2) for choice in inca["choices"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Chosen on held-out data" in markdown and "seed 1: gather_depth=" in markdown
+
+
 def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterrupted):
     """SIGKILL a bench mid-run; the rerun keeps every finished cell file untouched, computes the
     rest, and its report equals an uninterrupted run's (times and memory aside)."""

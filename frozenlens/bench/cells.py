@@ -138,6 +138,12 @@ class Ledger:
             return None
         return saved["result"]
 
+    @staticmethod
+    def as_saved(result: dict[str, Any]) -> dict[str, Any]:
+        """``result`` as its saved file holds it (JSON types: mapping keys become strings), so a
+        fresh bench and a resumed one report the same values."""
+        return json.loads(json.dumps(result))
+
     def save(self, cell: Cell, key: str, result: dict[str, Any]) -> Path:
         """Save a finished cell atomically; returns its file."""
         path = self.path(cell)

@@ -94,7 +94,8 @@ def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
             "extract_gflops_per_image": final["extract_gflops_per_image"],
             "store_bytes_per_image": final["store_bytes_per_image"],
             "epochs": selected["train_config"]["epochs"],
-            **({"layers": final["layers"]} if "layers" in final else {})}
+            **({"layers": final["layers"]} if "layers" in final else {}),
+            **({"choices": [c for f in finals for c in f["choices"]]} if "choices" in final else {})}
 
 
 def aggregate(config: BenchConfig, groups: list[Any], results: dict["Cell", dict[str, Any]],
@@ -232,7 +233,21 @@ def markdown(report: BenchReport) -> str:
             values = ", ".join(f"{b}: {100 * a:.1f}" for b, a in zip(layers["blocks"], layers["accuracy"]))
             intact = f" (intact: {100 * layers['intact']:.1f})" if "intact" in layers else ""
             lines.append(f"- {e['task']} {e['method']}: {layers['source']}{intact} — {values}")
+    chose = [e for e in report.entries if e.get("choices")]
+    if chose:
+        lines += ["", "## Chosen on held-out data by the method itself", ""]
+        lines += [f"- {e['task']} {e['method']}: " + "; ".join(
+            f"seed {seed}: {_choice_text(c)}" for seed, c in zip(e["seeds"], e["choices"])) for e in chose]
     return "\n".join(lines) + "\n"
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    """One seed's choices as ``name=value`` (a dict of held-out accuracies as ``key: %``)."""
+    def text(value: Any) -> str:
+        if isinstance(value, dict):
+            return "(" + ", ".join(f"{k}: {100 * v:.1f}" for k, v in value.items()) + ")"
+        return str(value)
+    return ", ".join(f"{k}={text(v)}" for k, v in choice.items())
 
 
 def csv_text(report: BenchReport) -> str:

@@ -165,7 +165,7 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
 
     def done(cell: Cell, result: dict[str, Any]) -> None:
         ledger.save(cell, keys[cell], result)
-        results[cell] = result
+        results[cell] = ledger.as_saved(result)
         bar.update(1)
         _log.info("finished %s (%.1f s)%s", cell.describe(), result["cell_seconds"], _headline(result))
 

@@ -167,6 +167,9 @@ class Workspace:
         layers = layer_analysis(model, view, store)
         if layers:
             out["layers"] = layers
+        choices = [m.choices() for m in result.models]
+        if any(choices):
+            out["choices"] = choices
         return out
 
     def _flops(self, spec: MethodSpec, view: AnyTask, model: Method, store: ActivationStore | None) -> dict[str, Any]:

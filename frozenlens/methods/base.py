@@ -109,6 +109,11 @@ class Method(nn.Module):
         """Logits from a batch of tap values."""
         raise NotImplementedError
 
+    def choices(self) -> dict[str, Any]:
+        """What fitting chose on held-out data (e.g. MIST's k), for reports; empty when the
+        method chooses nothing itself (grid points are the protocol's choice, not the model's)."""
+        return {}
+
     def regularization(self) -> torch.Tensor:
         """Extra loss term added by the trainer (none by default)."""
         return torch.zeros(())

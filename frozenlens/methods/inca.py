@@ -364,6 +364,10 @@ class ParallelAdapters(Method):
         """Validation accuracy of each block's adapter from the last selection (block -> accuracy)."""
         return {i: float(v) for i, v in enumerate(self.layer_accuracy.tolist()) if v != NOT_MEASURED}
 
+    def choices(self) -> dict[str, Any]:
+        """The blocks kept by the last selection, best first (empty when nothing was selected)."""
+        return {"layers": list(self.layers)} if self.layer_accuracies else {}
+
     # -- forward ------------------------------------------------------------------------------
     def query_groups(self) -> list[QueryGroup]:
         """(queries, readout) pairs; see the class docstring."""

@@ -323,6 +323,11 @@ class MIST(SideNetwork):
         """Held-out accuracy of each candidate k from the last selection (k -> accuracy)."""
         return {k + 1: float(v) for k, v in enumerate(self.gather_accuracy.tolist()) if v != NOT_MEASURED}
 
+    def choices(self) -> dict[str, Any]:
+        """The k chosen on held-out data and every candidate's accuracy (empty when k was fixed)."""
+        accuracies = self.gather_accuracies
+        return {"gather_depth": self.config.gather_depth, "held_out_accuracy": accuracies} if accuracies else {}
+
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.config.gather_depth:
             raise FrozenlensError("mist: gather_depth is still 0 (to be chosen): fit the model first, "
