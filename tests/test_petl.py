@@ -15,7 +15,7 @@ from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, get_method, method_names
 from frozenlens.train.images import ImageData
-from frozenlens.train.trainer import TrainConfig, count_trainable
+from frozenlens.train.trainer import TrainConfig, count_trainable, train
 from tests.conftest import adapter_folder
 
 PETL = ["full", "partial", "bitfit", "lora", "vpt-shallow", "vpt-deep", "adaptformer", "vqt+vpt", "vqt+adaptformer"]
@@ -175,13 +175,52 @@ def test_vqt_on_adaptformer_reads_adapted_blocks_and_keeps_stage_one(tiny_backbo
     inputs = {}
     with torch.no_grad():
         tokens = combo.petl.tokens(batch["images"], inputs=inputs)
-        from frozenlens.methods.vqt.query_attention import input_taps
+        from frozenlens.methods.vqt.query_attention import backbone_blocks, input_taps
         taps = {t.key: inputs[i] for i, t in enumerate(input_taps(tiny_backbone.depth))}
         taps["final:cls"] = tokens[:, 0]
-        frozen_blocks = combo.vqt.classify(combo.vqt.features(taps, normed=False))
+        frozen_blocks = combo.vqt.classify(combo.vqt.features(taps, normed=False,
+                                                              blocks=backbone_blocks(tiny_backbone)))
         assert not torch.allclose(combo(batch), frozen_blocks)        # queries pass the adapter branch
     combo.petl.load_state_dict(adapters)
     assert all(p.requires_grad for p in combo.petl.parameters())       # unfrozen after stage 2
+
+
+@pytest.mark.parametrize("name", ["vqt+adaptformer", "vqt+vpt"])
+def test_stage_two_from_adapted_activations_equals_it_in_the_loop(name, tiny_backbone, train_data):
+    """Stage 2 trains from the adapted model's activations, computed once; with them kept in float32
+    it gives the model that training with the adapted model in the loop gives (same seed and order)."""
+    settings = {"activations_dtype": "float32", "query_dropout": 0.0, "bottleneck": 8, "num_prompts": 2}
+    combo = build_method(name, {k: v for k, v in settings.items() if hasattr(
+        get_method(name).config_class(), k)}, tiny_backbone, 3)
+    combo.petl.fit(train_data, TINY)
+    stage_one = {k: v.clone() for k, v in combo.petl.state_dict().items()}
+    query_cfg = combo.query_config(TrainConfig(epochs=2, warmup_epochs=0, batch_size=12, seed=3))
+    assert query_cfg.optimizer == "adam" and query_cfg.lr == pytest.approx(0.05 / 128 * 12)
+    batch = {"images": train_data.images(torch.arange(6))}
+
+    activations = combo.adapted_activations(train_data, query_cfg)
+    assert set(activations.features) == {*(f"block.{i}:tokens" for i in range(tiny_backbone.depth - 1)),
+                                         "embed:tokens", "final:cls"}
+    combo.vqt.read_through(combo.adapted_blocks())
+    combo.vqt.fit(activations, query_cfg)
+    with torch.no_grad():
+        from_activations = combo.eval()(batch)
+
+    combo.vqt.reset_trainable(query_cfg.seed)
+    combo.petl.requires_grad_(False)
+    train(combo.query_stage(), train_data, query_cfg)
+    with torch.no_grad():
+        in_the_loop = combo.eval()(batch)
+    assert torch.allclose(from_activations, in_the_loop, atol=1e-4), (from_activations - in_the_loop).abs().max()
+    assert all(torch.equal(v, stage_one[k]) for k, v in combo.petl.state_dict().items())   # stage 1 untouched
+
+
+def test_query_stage_recipe_can_be_set(tiny_backbone):
+    combo = build_method("vqt+vpt", {"query_lr": 0.003, "query_weight_decay": 0.0}, tiny_backbone, 3)
+    cfg = combo.query_config(TrainConfig(epochs=1, batch_size=64, lr=0.1, optimizer="sgd", weight_decay=0.5))
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("adam", 0.003, 0.0, 64)
+    with pytest.raises(FrozenlensError, match="activations_dtype"):
+        build_method("vqt+vpt", {"activations_dtype": "int8"}, tiny_backbone, 3)
 
 
 def test_adapters_hold_only_what_was_trained_and_round_trip(tiny_backbone, train_data, tmp_path):

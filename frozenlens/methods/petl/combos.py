@@ -10,11 +10,14 @@ summarise the updated intermediate features." So a fit has two stages:
    its query tokens and head on the adapted features: the inputs of every
    adapted block (prompts included for VPT) and the adapted final class token.
    The queries pass through the adapted blocks (with AdaptFormer's branch), so
-   they see what the block's own tokens see. Stage 2 uses VQT's own recipe
-   (Adam, VQT's learning rate and weight decay) with the run's epochs, batch
-   size and seed; the grid search tunes stage 1.
-
-The adapted pass in stage 2 needs no gradients: its memory is VQT's.
+   they see what the block's own tokens see. The adapted model no longer
+   changes, so it runs once per image (:meth:`VQTOnPETL.adapted_activations`)
+   and stage 2 trains from those activations, as VQT trains from the store;
+   :class:`QueryStage` is the same stage with the adapted model in the loop,
+   which it reproduces. Stage 2 uses VQT's own recipe (Adam, VQT's learning
+   rate scaled to the batch, its weight decay: ``query_lr`` and
+   ``query_weight_decay`` change them) with the run's epochs, batch size and
+   seed; the grid search tunes stage 1.
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ from torch import nn
 from frozenlens.backbones.base import FrozenBackbone
 from frozenlens.backbones.hooks import edited_model
 from frozenlens.backbones.taps import Tap
+from frozenlens.errors import ConfigError
 from frozenlens.methods.base import Method, get_method, register
 from frozenlens.methods.petl.adapters import AdaptFormerConfig
 from frozenlens.methods.petl.common import InLoopMethod, frozen
 from frozenlens.methods.petl.prompts import VPTConfig
 from frozenlens.methods.vqt.model import CLS_KEY, VQT, VQTConfig
 from frozenlens.methods.vqt.query_attention import input_taps
+from frozenlens.train.data import TapData
 from frozenlens.train.images import IMAGES_KEY
-from frozenlens.train.trainer import TrainConfig, train
+from frozenlens.train.trainer import TrainConfig
+
+ACTIVATION_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -49,12 +56,27 @@ class QueryConfig:
         normalize: L2-normalise the CLS token and each summary before the head (off by
             default, as the paper and VQT alone; the official code turns it on).
         query_dropout: dropout on the query tokens while training (VQT: 0.1).
+        query_lr: stage 2's learning rate; 0 takes VQT's own, 0.05 per 128 images of the batch.
+        query_weight_decay: stage 2's weight decay (VQT's own: 1e-4).
+        activations_dtype: precision in which the adapted activations that stage 2 trains from
+            are kept: ``float16`` (as the store keeps taps) or ``float32`` (stage 2 then equals
+            :class:`QueryStage`, the adapted model in the loop, to float rounding).
     """
 
     num_queries: int = 1
     aggregate: str = "concat"
     normalize: bool = False
     query_dropout: float = 0.1
+    query_lr: float = 0.0
+    query_weight_decay: float = 1e-4
+    activations_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.activations_dtype not in ACTIVATION_DTYPES:
+            raise ConfigError(f"activations_dtype={self.activations_dtype!r}: use one of "
+                              f"{', '.join(ACTIVATION_DTYPES)}")
+        if self.query_lr < 0:
+            raise ConfigError(f"query_lr={self.query_lr}: must be positive (or 0 for VQT's own)")
 
 
 class VQTOnPETL(InLoopMethod):
@@ -67,7 +89,8 @@ class VQTOnPETL(InLoopMethod):
         Method.__init__(self, config, backbone, num_classes)
         petl_class = get_method(self.petl_name)
         self.petl = petl_class(_part(config, self.petl_config), backbone, num_classes)
-        query_settings = dataclasses.asdict(_part(config, QueryConfig))
+        vqt_fields = {f.name for f in dataclasses.fields(VQTConfig)}
+        query_settings = {k: v for k, v in dataclasses.asdict(_part(config, QueryConfig)).items() if k in vqt_fields}
         self.vqt = VQT(VQTConfig(**query_settings, compress=False), backbone, num_classes)
 
     @classmethod
@@ -87,31 +110,60 @@ class VQTOnPETL(InLoopMethod):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """VQT's logits on the adapted features of ``batch["images"]``."""
-        images = batch[IMAGES_KEY]
-        inputs: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            tokens = self.petl.tokens(images, inputs=inputs)
-        depth = self.backbone_info["depth"]
-        taps = {tap.key: inputs[i] for i, tap in enumerate(input_taps(depth))}
+            taps = self._adapted_taps(batch[IMAGES_KEY])
+        return self.vqt.classify(self.vqt.features(taps, normed=False, blocks=self.adapted_blocks()))
+
+    def _adapted_taps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What VQT reads from the adapted backbone: every block's input and the final class token."""
+        inputs: dict[int, torch.Tensor] = {}
+        tokens = self.petl.tokens(images, inputs=inputs)
+        taps = {tap.key: inputs[i] for i, tap in enumerate(input_taps(self.backbone_info["depth"]))}
         taps[CLS_KEY] = self.petl.pooled(tokens)
-        blocks = edited_model(self.frozen_backbone.model, self.petl.edits(images.shape[0])).blocks
-        return self.vqt.classify(self.vqt.features(taps, normed=False, blocks=blocks))
+        return taps
+
+    def adapted_blocks(self) -> list[nn.Module]:
+        """The adapted model's blocks, which the queries pass through (they follow the PETL part's
+        current weights)."""
+        return list(edited_model(self.frozen_backbone.model, self.petl.edits(1)).blocks)
+
+    @torch.no_grad()
+    def adapted_activations(self, data: Any, cfg: TrainConfig) -> TapData:
+        """:meth:`_adapted_taps` of every example of ``data`` (in its order), the PETL part in
+        eval mode, in one pass; kept on the CPU in ``activations_dtype``."""
+        dtype = ACTIVATION_DTYPES[self.config.activations_dtype]
+        was_training = self.petl.training
+        self.petl.eval()
+        rows: dict[str, list[torch.Tensor]] = {}
+        try:
+            for batch, _ in data.batches(cfg.batch_size, device=cfg.device):
+                for key, value in self._adapted_taps(batch[IMAGES_KEY]).items():
+                    rows.setdefault(key, []).append(value.to("cpu", dtype))
+        finally:
+            self.petl.train(was_training)
+        return TapData({k: torch.cat(v) for k, v in rows.items()}, data.labels, data.num_classes)
 
     def query_stage(self) -> "QueryStage":
-        """The module stage 2 trains: this combination's forward, with only VQT's parameters
-        (keep the PETL part frozen while it trains)."""
+        """Stage 2 with the adapted model in the loop: this combination's forward, with only VQT's
+        parameters (keep the PETL part frozen while it trains). :meth:`fit` trains the same stage
+        from :meth:`adapted_activations` instead."""
         return QueryStage(self)
 
-    def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None, progress: bool = False) -> list[float]:
-        """Stage 1: the PETL method alone. Stage 2: VQT's queries and head on its features."""
-        losses = self.petl.fit(data, cfg, progress=progress)
-        self.vqt.reset_trainable(cfg.seed)
+    def query_config(self, cfg: TrainConfig) -> TrainConfig:
+        """Stage 2's recipe: VQT's optimiser, ``query_lr`` (else VQT's lr scaled to the batch) and
+        ``query_weight_decay``, with the run's epochs, batch size and seed."""
         recipe = VQT.train_defaults
-        query_cfg = cfg.updated(optimizer=recipe.optimizer, lr=recipe.lr / recipe.batch_size * cfg.batch_size,
-                                weight_decay=recipe.weight_decay)
+        lr = self.config.query_lr or recipe.lr / recipe.batch_size * cfg.batch_size
+        return cfg.updated(optimizer=recipe.optimizer, lr=lr, weight_decay=self.config.query_weight_decay)
+
+    def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None, progress: bool = False) -> list[float]:
+        """Stage 1: the PETL method alone. Stage 2: VQT's queries and head, trained from the
+        adapted activations (computed once: the adapted model is frozen from here on)."""
+        losses = self.petl.fit(data, cfg, progress=progress)
+        activations = self.adapted_activations(data, cfg)
+        self.vqt.read_through(self.adapted_blocks())
         with frozen(self.petl):
-            losses += train(self.query_stage(), data, query_cfg, progress=progress, desc=f"{self.name} queries")
-        return losses
+            return losses + self.vqt.fit(activations, self.query_config(cfg), progress=progress)
 
 
 class QueryStage(nn.Module):

@@ -134,6 +134,7 @@ class VQT(Method):
         if config.compress:
             self.register_buffer("selected", torch.arange(self.num_kept))
         self.head = nn.Linear(self.num_kept, num_classes)
+        self._read_through: list[nn.Module] | None = None     # a plain list: not submodules
         self._init_trainable()
 
     # -- description ------------------------------------------------------------------
@@ -176,6 +177,16 @@ class VQT(Method):
         """Logits from raw taps: each block's input tokens and the final CLS token."""
         return self.classify(self.features(batch, normed=False))
 
+    def read_through(self, blocks: Sequence[nn.Module] | None) -> None:
+        """Pass the queries through ``blocks`` from now on, in training and by default in
+        :meth:`summaries` (an adapted model's blocks, when VQT reads the features a PETL method
+        adapts); None: the frozen backbone's own."""
+        self._read_through = None if blocks is None else list(blocks)
+
+    def query_blocks(self) -> Sequence[nn.Module]:
+        """The blocks the queries pass through (see :meth:`read_through`)."""
+        return backbone_blocks(self.frozen_backbone) if self._read_through is None else self._read_through
+
     def summaries(self, batch: dict[str, torch.Tensor], *, normed: bool,
                   blocks: Sequence[nn.Module] | None = None) -> list[torch.Tensor]:
         """Each block's query outputs ``(B, T, D)``.
@@ -183,10 +194,9 @@ class VQT(Method):
         ``batch`` holds the block inputs under their tap keys, or (``normed``) their
         ``norm1`` under ``norm1.<l>`` as made by :meth:`normed_inputs`; on text also the
         padding mask under ``attention_mask`` (bool or float 0/1). ``blocks``: the
-        blocks the queries pass through (default: the frozen backbone's; an adapted
-        model's when VQT reads features a PETL method adapts, e.g. ``vqt+adaptformer``).
+        blocks the queries pass through (default: :meth:`query_blocks`).
         """
-        blocks = backbone_blocks(self.frozen_backbone) if blocks is None else blocks
+        blocks = self.query_blocks() if blocks is None else blocks
         keys, mask = self._input_keys(normed), key_mask(batch)
         batch_size = batch[keys[0]].shape[0]
         outputs = []
@@ -259,7 +269,7 @@ class VQT(Method):
         stored tensor instead of copying it.
         """
         features = {k: data.features[k] for k in (self.pooled_key, MASK_KEY) if k in data.features}
-        for layer, (block, key) in enumerate(zip(backbone_blocks(self.frozen_backbone), self._input_keys(False))):
+        for layer, (block, key) in enumerate(zip(self.query_blocks(), self._input_keys(False))):
             parts, raw = block_parts(block), data.features[key]
             features[NORMED_PREFIX + str(layer)] = raw if parts.key_input_is_identity else self._key_input(
                 parts, raw, chunk)

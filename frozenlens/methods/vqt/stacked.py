@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from frozenlens.methods.vqt.query_attention import backbone_blocks, key_mask, query_block
+from frozenlens.methods.vqt.query_attention import key_mask, query_block
 from frozenlens.train.stacked import StackedView, copy_back, stack_parameters
 
 if TYPE_CHECKING:
@@ -29,7 +29,8 @@ def can_stack(methods: Sequence["VQT"]) -> bool:
     """Whether ``methods`` can train as one stack: same config, concatenated summaries, one backbone."""
     first = methods[0]
     return (first.config.aggregate == "concat"
-            and all(m.config == first.config and m.frozen_backbone is first.frozen_backbone for m in methods)
+            and all(m.config == first.config and m.frozen_backbone is first.frozen_backbone
+                    and all(a is b for a, b in zip(m.query_blocks(), first.query_blocks())) for m in methods)
             and all(torch.equal(getattr(m, "selected", torch.zeros(0)), getattr(first, "selected", torch.zeros(0)))
                     for m in methods))
 
@@ -42,7 +43,7 @@ class StackedVQT(StackedView):
         super().__init__()
         self.methods = list(methods)
         first = methods[0]
-        self.blocks = [backbone_blocks(first.frozen_backbone)]   # a list: frozen, not a submodule
+        self.blocks = [first.query_blocks()]   # a list: frozen, not a submodule
         self.cls_key, self.input_keys = cls_key, list(input_keys)
         self.normalize = first.config.normalize
         self.dropout = nn.Dropout(first.config.query_dropout)
