@@ -108,9 +108,11 @@ NOTES = {"inloop": [
     "variational loss). The paper pre-tunes on ImageNet-1k for 30 epochs, which is not on this machine. "
     "Plain `toast` and `toast-lite` start from randomly initialised feedback modules (the paper's "
     "\"w/o pre-tuning\" ablation). When `--epochs` shortens a run the warm-up stays at 10 epochs.", "",
-    "`vqt+vpt` and `vqt+adaptformer` train in two stages: the grid tunes stage 1 (the PETL method); stage 2 "
-    "(VQT's queries and head) keeps VQT's default recipe (Adam, lr 0.05 per 128 images, wd 1e-4), since the VQT "
-    "paper does not say how it tuned it; `query_lr=` and `query_weight_decay=` change it.", ""]}
+    "`vqt+vpt` and `vqt+adaptformer` train in two stages: the grid tunes stage 1 (the PETL method). In the run "
+    "above stage 2 (VQT's queries and head) used VQT's default recipe (Adam, lr 0.05 per 128 images, wd 1e-4) "
+    "with the adapted backbone in the loop. Since then stage 2 trains from the adapted activations and chooses "
+    "its lr x wd among VQT's grid on held-out data (`query_search`, on by default), so a rerun recomputes "
+    "those two methods' cells.", ""]}
 """Recipe details printed under a bench's table."""
 
 

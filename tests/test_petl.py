@@ -15,7 +15,7 @@ from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import build_method, get_method, method_names
 from frozenlens.train.images import ImageData
-from frozenlens.train.trainer import TrainConfig, count_trainable, train
+from frozenlens.train.trainer import TrainConfig, count_trainable, evaluate, train
 from tests.conftest import adapter_folder
 
 PETL = ["full", "partial", "bitfit", "lora", "vpt-shallow", "vpt-deep", "adaptformer", "vqt+vpt", "vqt+adaptformer"]
@@ -213,6 +213,27 @@ def test_stage_two_from_adapted_activations_equals_it_in_the_loop(name, tiny_bac
         in_the_loop = combo.eval()(batch)
     assert torch.allclose(from_activations, in_the_loop, atol=1e-4), (from_activations - in_the_loop).abs().max()
     assert all(torch.equal(v, stage_one[k]) for k, v in combo.petl.state_dict().items())   # stage 1 untouched
+
+
+def test_stage_two_recipe_is_chosen_on_held_out_data(tiny_backbone, train_data, tiny_task):
+    """With val (the protocol's grid search) the kept stage 2 is the grid point best on val; without,
+    a holdout of the training data ranks them and the winner is refitted on all of it."""
+    val = ImageData.from_task(load_task(tiny_task), "val", tiny_backbone)
+    combo = build_method("vqt+vpt", {"num_prompts": 2, "activations_dtype": "float32"}, tiny_backbone, 3)
+    combo.fit(train_data, TINY, val=val)
+    choice, grid = combo.choices(), combo.query_grid(TINY)
+    assert len(grid) == len(choice["held_out_accuracy"]) == 20            # VQT's 5 lrs x 4 weight decays
+    assert grid[0].lr == pytest.approx(1.0 / 256 * TINY.batch_size) and grid[0].optimizer == "adam"
+    best = max(choice["held_out_accuracy"].values())
+    assert choice["held_out_accuracy"][f"lr={choice['query_lr']:g} wd={choice['query_weight_decay']:g}"] == best
+    assert evaluate(combo, val) == pytest.approx(best)                      # the kept model is the winner
+
+    refit = build_method("vqt+vpt", {"num_prompts": 2, "holdout_fraction": 0.25}, tiny_backbone, 3)
+    losses = refit.fit(train_data, TINY)
+    assert len(losses) == 1 + 20 + 1                    # stage 1, the candidates, the refit (1 epoch each)
+    assert refit.choices()["query_lr"] in {c.lr for c in grid}
+    fixed = build_method("vqt+vpt", {"num_prompts": 2, "query_search": False}, tiny_backbone, 3)
+    assert len(fixed.fit(train_data, TINY)) == 2 and fixed.choices() == {}
 
 
 def test_query_stage_recipe_can_be_set(tiny_backbone):

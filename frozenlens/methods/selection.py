@@ -54,6 +54,20 @@ def accuracy_and_loss(model: torch.nn.Module, data: TapData, batch_size: int = 2
     return accuracy, float(F.cross_entropy(logits, data.labels))
 
 
+def best_on(models: dict[Any, torch.nn.Module], data: TapData, cfg: TrainConfig, *, label: str = "",
+            progress: bool = False) -> tuple[Any, dict[Any, float], dict[Any, float]]:
+    """``(key of the best model, accuracy by key, cross-entropy by key)`` on ``data``: the highest
+    accuracy wins, ties go to the lower loss, then to the first key."""
+    accuracy: dict[Any, float] = {}
+    loss: dict[Any, float] = {}
+    for key, model in models.items():
+        accuracy[key], loss[key] = accuracy_and_loss(model, data, cfg.batch_size, cfg.device)
+        if progress:
+            _log.info("  %s%s: held-out accuracy %.4f", label, key, accuracy[key])
+    best = min(models, key=lambda k: (-accuracy[k], loss[k]))
+    return best, accuracy, loss
+
+
 @dataclass
 class Selection:
     """Outcome of :func:`fit_selecting`.
@@ -89,19 +103,14 @@ def fit_selecting(method: "Method", setting: str, candidates: Sequence[Any], dat
     from frozenlens.methods.base import build_method
 
     train_on, rank_on = selection_split(data, val, holdout_fraction, cfg.seed)
-    selection, best = Selection(setting, None), None
+    selection = Selection(setting, None)
     siblings = [build_method(method.name, dataclasses.replace(method.config, **{setting: value}),
                              method.backbone_source(), method.num_classes) for value in candidates]
     runs = type(method).fit_many(siblings, train_on, [cfg] * len(siblings), progress=progress)  # one pass
-    for value, sibling, run in zip(candidates, siblings, runs):
-        selection.losses += run
-        accuracy, loss = accuracy_and_loss(sibling, rank_on, cfg.batch_size, cfg.device)
-        selection.accuracy[value], selection.loss[value] = accuracy, loss
-        if progress:
-            _log.info("  %s %s=%s: held-out accuracy %.4f", method.name, setting, value, accuracy)
-        if best is None or (-accuracy, loss) < (-selection.accuracy[best[0]], selection.loss[best[0]]):
-            best = (value, sibling)
-    selection.chosen, winner = best
+    selection.losses = [loss for run in runs for loss in run]
+    selection.chosen, selection.accuracy, selection.loss = best_on(
+        dict(zip(candidates, siblings)), rank_on, cfg, label=f"{method.name} {setting}=", progress=progress)
+    winner = siblings[list(candidates).index(selection.chosen)]
     method.config = winner.config
     method.load_state_dict(winner.state_dict())
     if val is None and refit:

@@ -37,6 +37,7 @@ from frozenlens.methods.base import Method, get_method, register
 from frozenlens.methods.petl.adapters import AdaptFormerConfig
 from frozenlens.methods.petl.common import InLoopMethod, frozen
 from frozenlens.methods.petl.prompts import VPTConfig
+from frozenlens.methods.selection import best_on, selection_split
 from frozenlens.methods.vqt.model import CLS_KEY, VQT, VQTConfig
 from frozenlens.methods.vqt.query_attention import input_taps
 from frozenlens.train.data import TapData
@@ -56,20 +57,29 @@ class QueryConfig:
         normalize: L2-normalise the CLS token and each summary before the head (off by
             default, as the paper and VQT alone; the official code turns it on).
         query_dropout: dropout on the query tokens while training (VQT: 0.1).
-        query_lr: stage 2's learning rate; 0 takes VQT's own, 0.05 per 128 images of the batch.
-        query_weight_decay: stage 2's weight decay (VQT's own: 1e-4).
+        query_search: choose stage 2's learning rate and weight decay among VQT's own grid (its
+            paper's 5 lrs, scaled to the batch, x 4 weight decays), trained together from the
+            adapted activations and ranked on held-out data: the protocol's val split during its
+            grid search, else a seeded ``holdout_fraction`` of the training data, then refitted on
+            all of it. False: ``query_lr`` and ``query_weight_decay`` as given.
+        query_lr: stage 2's learning rate without the search; 0 takes VQT's own, 0.05 per 128
+            images of the batch.
+        query_weight_decay: stage 2's weight decay without the search (VQT's own: 1e-4).
         activations_dtype: precision in which the adapted activations that stage 2 trains from
             are kept: ``float16`` (as the store keeps taps) or ``float32`` (stage 2 then equals
             :class:`QueryStage`, the adapted model in the loop, to float rounding).
+        holdout_fraction: share of the training data the search ranks on when no val split is given.
     """
 
     num_queries: int = 1
     aggregate: str = "concat"
     normalize: bool = False
     query_dropout: float = 0.1
+    query_search: bool = True
     query_lr: float = 0.0
     query_weight_decay: float = 1e-4
     activations_dtype: str = "float16"
+    holdout_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.activations_dtype not in ACTIVATION_DTYPES:
@@ -92,6 +102,8 @@ class VQTOnPETL(InLoopMethod):
         vqt_fields = {f.name for f in dataclasses.fields(VQTConfig)}
         query_settings = {k: v for k, v in dataclasses.asdict(_part(config, QueryConfig)).items() if k in vqt_fields}
         self.vqt = VQT(VQTConfig(**query_settings, compress=False), backbone, num_classes)
+        self.query_choice: dict[str, Any] = {}
+        """What the last stage-2 search chose (see :meth:`choices`)."""
 
     @classmethod
     def taps(cls, config: Any, backbone: dict[str, Any]) -> list[Tap]:
@@ -150,20 +162,63 @@ class VQTOnPETL(InLoopMethod):
         return QueryStage(self)
 
     def query_config(self, cfg: TrainConfig) -> TrainConfig:
-        """Stage 2's recipe: VQT's optimiser, ``query_lr`` (else VQT's lr scaled to the batch) and
-        ``query_weight_decay``, with the run's epochs, batch size and seed."""
+        """Stage 2's recipe without the search: VQT's optimiser, ``query_lr`` (else VQT's lr scaled
+        to the batch) and ``query_weight_decay``, with the run's epochs, batch size and seed."""
         recipe = VQT.train_defaults
         lr = self.config.query_lr or recipe.lr / recipe.batch_size * cfg.batch_size
         return cfg.updated(optimizer=recipe.optimizer, lr=lr, weight_decay=self.config.query_weight_decay)
 
+    def query_grid(self, cfg: TrainConfig) -> list[TrainConfig]:
+        """Stage 2's candidate recipes: :meth:`query_config` at every point of VQT's grid, its
+        learning rates scaled from VQT's batch to ``cfg``'s."""
+        scale = cfg.batch_size / VQT.train_defaults.batch_size
+        base = self.query_config(cfg)
+        return [base.updated(lr=lr * scale, weight_decay=wd)
+                for lr in VQT.grid["lr"] for wd in VQT.grid["weight_decay"]]
+
     def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None, progress: bool = False) -> list[float]:
         """Stage 1: the PETL method alone. Stage 2: VQT's queries and head, trained from the
-        adapted activations (computed once: the adapted model is frozen from here on)."""
+        adapted activations (computed once: the adapted model is frozen from here on), their
+        recipe searched on held-out data unless ``query_search`` is off."""
         losses = self.petl.fit(data, cfg, progress=progress)
         activations = self.adapted_activations(data, cfg)
         self.vqt.read_through(self.adapted_blocks())
+        self.query_choice = {}
         with frozen(self.petl):
-            return losses + self.vqt.fit(activations, self.query_config(cfg), progress=progress)
+            if not self.config.query_search:
+                return losses + self.vqt.fit(activations, self.query_config(cfg), progress=progress)
+            held_out = self.adapted_activations(val, cfg) if val is not None else None
+            return losses + self._search_query_recipe(activations, held_out, cfg, progress)
+
+    def _search_query_recipe(self, activations: TapData, held_out: TapData | None, cfg: TrainConfig,
+                             progress: bool) -> list[float]:
+        """Every candidate of :meth:`query_grid` trained in one pass, the best on held-out data kept
+        (``held_out`` given) or refitted on all of ``activations`` (a holdout of them ranked)."""
+        train_on, rank_on = selection_split(activations, held_out, self.config.holdout_fraction, cfg.seed)
+        candidates = {(c.lr, c.weight_decay): c for c in self.query_grid(cfg)}
+        siblings = {key: self._query_sibling() for key in candidates}
+        runs = VQT.fit_many(list(siblings.values()), train_on, list(candidates.values()), progress=progress)
+        best, accuracy, _ = best_on(siblings, rank_on, cfg, label=f"{self.name} queries (lr, wd)=",
+                                    progress=progress)
+        self.query_choice = {"query_lr": best[0], "query_weight_decay": best[1],
+                             "held_out_accuracy": {f"lr={lr:g} wd={wd:g}": a for (lr, wd), a in accuracy.items()}}
+        losses = [loss for run in runs for loss in run]
+        if held_out is not None:
+            self.vqt.load_state_dict(siblings[best].state_dict())
+            return losses
+        return losses + self.vqt.fit(activations, candidates[best], progress=progress)
+
+    def _query_sibling(self) -> VQT:
+        """A fresh VQT like this combination's, reading through the same adapted blocks."""
+        sibling = VQT(self.vqt.config, self.backbone_info, self.num_classes)
+        sibling.bind(self.frozen_backbone)
+        sibling.read_through(self.vqt.query_blocks())
+        return sibling
+
+    def choices(self) -> dict[str, Any]:
+        """Stage 2's recipe as chosen by the last search, with every candidate's held-out accuracy
+        (empty without a search)."""
+        return dict(self.query_choice)
 
 
 class QueryStage(nn.Module):
