@@ -103,8 +103,8 @@ numbers and says the comparison is not like for like."""
 
 
 NOTES = {"store": [
-    "Not a timing: the test suite ran on the same 2 cores beside parts of this run (the CIFAR-10 VQT search, "
-    "and the AID and Fashion-MNIST cells from InCA's search on), so \"train s/seed\" is indicative only. "
+    "The test suite ran on the same 2 cores beside three grid searches of this run (VQT's on CIFAR-10, VQT's "
+    "and InCA's on Fashion-MNIST); the final runs, whose times fill \"train s/seed\", ran alone. "
     "MIST chose k per seed on a 20% holdout of train+val (the claims below list it); InCA's chosen block is "
     "its top-scoring one.", ""],
     "inloop": [
