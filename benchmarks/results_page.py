@@ -143,6 +143,15 @@ DIAGNOSTICS = {
         "recipe with `head_init=zero` shows how much of TOAST's gap that start explains; compare with `toast` "
         "in the in-loop table. Its \"train s/seed\" ran beside the test suite: not a timing.",
         "shortened: as the in-loop table"),
+    "vqt-petl-query-search": Diagnostic(
+        "VQT on a PETL method, stage 2 searched",
+        DIAGNOSTIC_BENCH.format(tasks="", methods="vqt+vpt,vqt+adaptformer", size=56, epochs=25,
+                                folder="vqt-petl-query-search"),
+        "In the in-loop table the VQT stage of `vqt+vpt` and `vqt+adaptformer` used VQT's default lr and drove "
+        "its training loss to 1e-3..1e-6. The same recipe on CIFAR-10, with stage 2's lr x weight decay now "
+        "chosen among VQT's grid on a 20% holdout of the training data and refitted (`query_search`, the "
+        "default): compare with their CIFAR-10 column there, and with vpt-deep and adaptformer.",
+        "shortened: as the in-loop table, CIFAR-10 only"),
 }
 """Side runs: folder under benchmarks/results/bench -> what it checks and how it was run."""
 
