@@ -150,7 +150,8 @@ DIAGNOSTICS = {
         "In the in-loop table the VQT stage of `vqt+vpt` and `vqt+adaptformer` used VQT's default lr and drove "
         "its training loss to 1e-3..1e-6. The same recipe on CIFAR-10, with stage 2's lr x weight decay now "
         "chosen among VQT's grid on a 20% holdout of the training data and refitted (`query_search`, the "
-        "default): compare with their CIFAR-10 column there, and with vpt-deep and adaptformer.",
+        "default): compare with their CIFAR-10 column there, and with vpt-deep and adaptformer. Caveat: stage 1 "
+        "trained on that holdout too, so it is not clean for ranking stage 2 (docs/methods/petl.md).",
         "shortened: as the in-loop table, CIFAR-10 only"),
 }
 """Side runs: folder under benchmarks/results/bench -> what it checks and how it was run."""
