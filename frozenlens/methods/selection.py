@@ -108,9 +108,10 @@ def fit_selecting(method: "Method", setting: str, candidates: Sequence[Any], dat
                              method.backbone_source(), method.num_classes) for value in candidates]
     runs = type(method).fit_many(siblings, train_on, [cfg] * len(siblings), progress=progress)  # one pass
     selection.losses = [loss for run in runs for loss in run]
+    by_value = dict(zip(candidates, siblings))
     selection.chosen, selection.accuracy, selection.loss = best_on(
-        dict(zip(candidates, siblings)), rank_on, cfg, label=f"{method.name} {setting}=", progress=progress)
-    winner = siblings[list(candidates).index(selection.chosen)]
+        by_value, rank_on, cfg, label=f"{method.name} {setting}=", progress=progress)
+    winner = by_value[selection.chosen]
     method.config = winner.config
     method.load_state_dict(winner.state_dict())
     if val is None and refit:
