@@ -217,7 +217,8 @@ def test_stage_two_from_adapted_activations_equals_it_in_the_loop(name, tiny_bac
 
 def test_stage_two_recipe_is_chosen_on_held_out_data(tiny_backbone, train_data, tiny_task):
     """With val (the protocol's grid search) the kept stage 2 is the grid point best on val; without,
-    a holdout of the training data ranks them and the winner is refitted on all of it."""
+    both stages fit without a holdout of the training data, which ranks the grid points, and the
+    winner's recipe is refitted (both stages) on all of it."""
     val = ImageData.from_task(load_task(tiny_task), "val", tiny_backbone)
     combo = build_method("vqt+vpt", {"num_prompts": 2, "activations_dtype": "float32"}, tiny_backbone, 3)
     combo.fit(train_data, TINY, val=val)
@@ -229,8 +230,12 @@ def test_stage_two_recipe_is_chosen_on_held_out_data(tiny_backbone, train_data, 
     assert evaluate(combo, val) == pytest.approx(best)                      # the kept model is the winner
 
     refit = build_method("vqt+vpt", {"num_prompts": 2, "holdout_fraction": 0.25}, tiny_backbone, 3)
+    stage_one_sizes, fit_stage_one = [], refit.petl.fit
+    refit.petl.fit = lambda data, *a, **k: stage_one_sizes.append(len(data)) or fit_stage_one(data, *a, **k)
     losses = refit.fit(train_data, TINY)
-    assert len(losses) == 1 + 20 + 1                    # stage 1, the candidates, the refit (1 epoch each)
+    assert len(losses) == 1 + 20 + 1 + 1        # stage 1, the candidates, both stages refitted (1 epoch each)
+    rest, held_out = train_data.holdout(0.25, seed=TINY.seed)
+    assert stage_one_sizes == [len(rest), len(train_data)]   # the ranking holdout was unseen by stage 1
     assert refit.choices()["query_lr"] in {c.lr for c in grid}
     fixed = build_method("vqt+vpt", {"num_prompts": 2, "query_search": False}, tiny_backbone, 3)
     assert len(fixed.fit(train_data, TINY)) == 2 and fixed.choices() == {}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from frozenlens.methods.base import Method, get_method, register
 from frozenlens.methods.petl.adapters import AdaptFormerConfig
 from frozenlens.methods.petl.common import InLoopMethod, frozen
 from frozenlens.methods.petl.prompts import VPTConfig
-from frozenlens.methods.selection import best_on, selection_split
+from frozenlens.methods.selection import best_on
 from frozenlens.methods.vqt.model import CLS_KEY, VQT, VQTConfig
 from frozenlens.methods.vqt.query_attention import input_taps
 from frozenlens.train.data import TapData
@@ -60,8 +60,8 @@ class QueryConfig:
         query_search: choose stage 2's learning rate and weight decay among VQT's own grid (its
             paper's 5 lrs, scaled to the batch, x 4 weight decays), trained together from the
             adapted activations and ranked on held-out data: the protocol's val split during its
-            grid search, else a seeded ``holdout_fraction`` of the training data, then refitted on
-            all of it. False: ``query_lr`` and ``query_weight_decay`` as given.
+            grid search, else a seeded ``holdout_fraction`` of the training data that both stages
+            are first fitted without (stage 1 then trains twice), then refitted on all of it. False: ``query_lr`` and ``query_weight_decay`` as given.
         query_lr: stage 2's learning rate without the search; 0 takes VQT's own, 0.05 per 128
             images of the batch.
         query_weight_decay: stage 2's weight decay without the search (VQT's own: 1e-4).
@@ -179,34 +179,52 @@ class VQTOnPETL(InLoopMethod):
     def fit(self, data: Any, cfg: TrainConfig, *, val: Any = None, progress: bool = False) -> list[float]:
         """Stage 1: the PETL method alone. Stage 2: VQT's queries and head, trained from the
         adapted activations (computed once: the adapted model is frozen from here on), their
-        recipe searched on held-out data unless ``query_search`` is off."""
+        recipe searched on held-out data unless ``query_search`` is off: on ``val`` when given,
+        else on a holdout that neither stage saw (:meth:`_fit_searching_on_holdout`)."""
+        self.query_choice = {}
+        if not self.config.query_search:
+            return self._fit_stages(data, cfg, lambda activations: self.vqt.fit(
+                activations, self.query_config(cfg), progress=progress), progress)
+        if val is None:
+            return self._fit_searching_on_holdout(data, cfg, progress)
+        return self._fit_stages(data, cfg, lambda activations: self._search_query_recipe(
+            activations, self.adapted_activations(val, cfg), cfg, progress), progress)
+
+    def _fit_stages(self, data: Any, cfg: TrainConfig, stage_two: Callable[[TapData], list[float]],
+                    progress: bool) -> list[float]:
+        """Stage 1 on ``data``, then ``stage_two`` on its adapted activations, the PETL part frozen."""
         losses = self.petl.fit(data, cfg, progress=progress)
         activations = self.adapted_activations(data, cfg)
         self.vqt.read_through(self.adapted_blocks())
-        self.query_choice = {}
         with frozen(self.petl):
-            if not self.config.query_search:
-                return losses + self.vqt.fit(activations, self.query_config(cfg), progress=progress)
-            held_out = self.adapted_activations(val, cfg) if val is not None else None
-            return losses + self._search_query_recipe(activations, held_out, cfg, progress)
+            return losses + stage_two(activations)
 
-    def _search_query_recipe(self, activations: TapData, held_out: TapData | None, cfg: TrainConfig,
+    def _fit_searching_on_holdout(self, data: Any, cfg: TrainConfig, progress: bool) -> list[float]:
+        """Without val: both stages fit on the rest of a seeded, stratified ``holdout_fraction`` of
+        ``data``, stage 2's recipe is chosen on that holdout (unseen by stage 1 too), then both
+        stages fit again on all of ``data``, stage 2 with the chosen recipe. Stage 1 trains twice."""
+        rest, held_out = data.holdout(self.config.holdout_fraction, seed=cfg.seed)
+        losses = self.fit(rest, cfg, val=held_out, progress=progress)
+        choice = self.query_choice
+        recipe = self.query_config(cfg).updated(lr=choice["query_lr"], weight_decay=choice["query_weight_decay"])
+        losses += self._fit_stages(data, cfg, lambda activations: self.vqt.fit(
+            activations, recipe, progress=progress), progress)
+        self.query_choice = choice
+        return losses
+
+    def _search_query_recipe(self, activations: TapData, held_out: TapData, cfg: TrainConfig,
                              progress: bool) -> list[float]:
-        """Every candidate of :meth:`query_grid` trained in one pass, the best on held-out data kept
-        (``held_out`` given) or refitted on all of ``activations`` (a holdout of them ranked)."""
-        train_on, rank_on = selection_split(activations, held_out, self.config.holdout_fraction, cfg.seed)
+        """Every candidate of :meth:`query_grid` trained in one pass on ``activations``; the best on
+        ``held_out`` is kept, and its recipe recorded in :attr:`query_choice`."""
         candidates = {(c.lr, c.weight_decay): c for c in self.query_grid(cfg)}
         siblings = {key: self._query_sibling() for key in candidates}
-        runs = VQT.fit_many(list(siblings.values()), train_on, list(candidates.values()), progress=progress)
-        best, accuracy, _ = best_on(siblings, rank_on, cfg, label=f"{self.name} queries (lr, wd)=",
+        runs = VQT.fit_many(list(siblings.values()), activations, list(candidates.values()), progress=progress)
+        best, accuracy, _ = best_on(siblings, held_out, cfg, label=f"{self.name} queries (lr, wd)=",
                                     progress=progress)
         self.query_choice = {"query_lr": best[0], "query_weight_decay": best[1],
                              "held_out_accuracy": {f"lr={lr:g} wd={wd:g}": a for (lr, wd), a in accuracy.items()}}
-        losses = [loss for run in runs for loss in run]
-        if held_out is not None:
-            self.vqt.load_state_dict(siblings[best].state_dict())
-            return losses
-        return losses + self.vqt.fit(activations, candidates[best], progress=progress)
+        self.vqt.load_state_dict(siblings[best].state_dict())
+        return [loss for run in runs for loss in run]
 
     def _query_sibling(self) -> VQT:
         """A fresh VQT like this combination's, reading through the same adapted blocks."""
