@@ -61,7 +61,8 @@ class QueryConfig:
             paper's 5 lrs, scaled to the batch, x 4 weight decays), trained together from the
             adapted activations and ranked on held-out data: the protocol's val split during its
             grid search, else a seeded ``holdout_fraction`` of the training data that both stages
-            are first fitted without (stage 1 then trains twice), then refitted on all of it. False: ``query_lr`` and ``query_weight_decay`` as given.
+            are first fitted without (stage 1 then trains twice), then refitted on all of it.
+            False: ``query_lr`` and ``query_weight_decay`` as given.
         query_lr: stage 2's learning rate without the search; 0 takes VQT's own, 0.05 per 128
             images of the batch.
         query_weight_decay: stage 2's weight decay without the search (VQT's own: 1e-4).
