@@ -23,6 +23,7 @@ summarise the updated intermediate features." So a fit has two stages:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -45,6 +46,8 @@ from frozenlens.train.images import IMAGES_KEY
 from frozenlens.train.trainer import TrainConfig
 
 ACTIVATION_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+_log = logging.getLogger("frozenlens")
 
 
 @dataclass
@@ -205,6 +208,9 @@ class VQTOnPETL(InLoopMethod):
         ``data``, stage 2's recipe is chosen on that holdout (unseen by stage 1 too), then both
         stages fit again on all of ``data``, stage 2 with the chosen recipe. Stage 1 trains twice."""
         rest, held_out = data.holdout(self.config.holdout_fraction, seed=cfg.seed)
+        if progress:
+            _log.info("%s: choosing stage 2's lr x wd on a %g holdout; both stages fit on the other %d images "
+                      "first, then on all %d", self.name, self.config.holdout_fraction, len(rest), len(data))
         losses = self.fit(rest, cfg, val=held_out, progress=progress)
         choice = self.query_choice
         recipe = self.query_config(cfg).updated(lr=choice["query_lr"], weight_decay=choice["query_weight_decay"])
