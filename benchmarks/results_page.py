@@ -170,8 +170,8 @@ FULL_STORE_WHY = (
     "The store table above is at 56 px, where a 14-px-patch backbone sees 16 patch tokens per image. The VQT "
     "paper's claims are at 224 px (256 patch tokens for its queries to summarise), so this run checks the claims "
     "among linear, Head2Toe and VQT at their full recipe, on the one task this machine could afford at 224 px "
-    "(VQT's 20-point grid at 100 epochs is most of its cost). It ran by itself, so its \"train s/seed\" is a "
-    "timing. MIST, LAST and InCA at 224 px cost several CPU hours per task here and were not run.")
+    "(VQT's 20-point grid at 100 epochs is most of its cost). Its training ran alone (a 7-second test ran during "
+    "its extraction), so its \"train s/seed\" is a timing. MIST, LAST and InCA at 224 px cost several CPU hours per task here and were not run.")
 """A run of the full store recipe at 224 px on CIFAR-10 (run by hand with :data:`FULL_STORE_COMMAND`); its
 verdicts stand in their own column of the claims table."""
 
@@ -357,7 +357,25 @@ def full_store_section(report: BenchReport) -> list[str]:
     return ["## Store methods at the full recipe, 224 px, CIFAR-10", "", FULL_STORE_WHY, "",
             recipe(report, FULL_STORE_RECIPE), "", f"Command: `{FULL_STORE_COMMAND}`.", "",
             f"**Selection rule.** {report.context['selection_rule']}.", "", *markdown_table(report), "",
+            selections(report), "",
             f"Full report: [report.md]({rel / 'report.md'}).", ""]
+
+
+def selections(report: BenchReport) -> str:
+    """What each method's grid chose on val200 per task, flagging a choice at the edge of its grid (a wider
+    grid might have chosen beyond it)."""
+    parts = []
+    for e in report.entries:
+        points = [{k: v for k, v in p.items() if k != "val_accuracy"} for p in e.get("grid") or []]
+        if not points:
+            continue
+        chosen = points[max(range(len(points)), key=lambda i: e["grid"][i]["val_accuracy"])]
+        edges = [k for k, v in chosen.items()
+                 if len({p[k] for p in points}) > 2 and v in (min(p[k] for p in points), max(p[k] for p in points))]
+        shown = ", ".join(f"{k}={v:g}" for k, v in chosen.items())
+        edge = f" (at the edge of its grid in {', '.join(edges)})" if edges else ""
+        parts.append(f"{e['task']} {e['method']}: {shown}, val200 {100 * e['best_val_accuracy']:.1f}{edge}")
+    return "Chosen on val200: " + "; ".join(parts) + "." if parts else ""
 
 
 def full_store_verdict(claim: tuple, report: BenchReport) -> str:
