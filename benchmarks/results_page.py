@@ -171,7 +171,8 @@ FULL_STORE_WHY = (
     "paper's claims are at 224 px (256 patch tokens for its queries to summarise), so this run checks the claims "
     "among linear, Head2Toe and VQT at their full recipe, on the one task this machine could afford at 224 px "
     "(VQT's 20-point grid at 100 epochs is most of its cost). Its training ran alone (a 7-second test ran during "
-    "its extraction), so its \"train s/seed\" is a timing. MIST, LAST and InCA at 224 px cost several CPU hours per task here and were not run.")
+    "its extraction), so its \"train s/seed\" is a timing. MIST, LAST and InCA at 224 px cost several CPU "
+    "hours per task here and were not run.")
 """A run of the full store recipe at 224 px on CIFAR-10 (run by hand with :data:`FULL_STORE_COMMAND`); its
 verdicts stand in their own column of the claims table."""
 
