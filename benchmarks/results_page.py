@@ -162,17 +162,18 @@ DIAGNOSTICS = {
 
 FULL_STORE = "store-224"
 FULL_STORE_COMMAND = ("FROZENLENS_CACHE=/tmp/flc-bench-real frozenlens bench --tasks ../shared/data/cifar10 "
-                      "--methods linear,head2toe,vqt --img-size 224 --seeds 3 "
+                      "--methods linear,head2toe,vqt,inca --img-size 224 --seeds 3 "
                       f"--out benchmarks/results/bench/{FULL_STORE}")
 FULL_STORE_RECIPE = ("full per method (its own grid and epochs, 3 seeds, 224 px), but CIFAR-10 only and linear, "
-                     "Head2Toe and VQT only")
+                     "Head2Toe, VQT and InCA only")
 FULL_STORE_WHY = (
     "The store table above is at 56 px, where a 14-px-patch backbone sees 16 patch tokens per image. The VQT "
     "paper's claims are at 224 px (256 patch tokens for its queries to summarise), so this run checks the claims "
-    "among linear, Head2Toe and VQT at their full recipe, on the one task this machine could afford at 224 px "
+    "among linear, Head2Toe, VQT and InCA at their full recipe, on the one task this machine could afford at 224 px "
     "(VQT's 20-point grid at 100 epochs is most of its cost). Its training ran alone (a 7-second test ran during "
-    "its extraction), so its \"train s/seed\" is a timing. MIST, LAST and InCA at 224 px cost several CPU "
-    "hours per task here and were not run.")
+    "its extraction), so its \"train s/seed\" is a timing. MIST and LAST at 224 px cost several CPU "
+    "hours per task here and were not run. InCA was added to the same folder in a second invocation (the "
+    "finished cells of the first were reused).")
 """A run of the full store recipe at 224 px on CIFAR-10 (run by hand with :data:`FULL_STORE_COMMAND`); its
 verdicts stand in their own column of the claims table."""
 
