@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS, command_line, machine_context, machine_line  # noqa: E402
 
 from frozenlens.bench import BenchConfig, run_bench  # noqa: E402
-from frozenlens.bench.report import BenchReport, table  # noqa: E402
+from frozenlens.bench.report import BenchReport, selected_point, table  # noqa: E402
 from frozenlens.cli.bench import _grid  # noqa: E402
 
 STORE_METHODS = ["linear", "head2toe", "vqt", "inca", "mist", "last"]
@@ -371,7 +371,7 @@ def selections(report: BenchReport) -> str:
         points = [{k: v for k, v in p.items() if k != "val_accuracy"} for p in e.get("grid") or []]
         if not points:
             continue
-        chosen = points[max(range(len(points)), key=lambda i: e["grid"][i]["val_accuracy"])]
+        chosen = selected_point(e)
         edges = [k for k, v in chosen.items()
                  if len({p[k] for p in points}) > 2 and v in (min(p[k] for p in points), max(p[k] for p in points))]
         shown = ", ".join(f"{k}={v:g}" for k, v in chosen.items())

@@ -161,6 +161,14 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
+def selected_point(entry: dict[str, Any]) -> dict[str, Any]:
+    """The grid point a report entry's search selected, as ``{hyper-parameter: value}`` over the grid's
+    keys (empty when there was no search)."""
+    grid_keys = sorted({k for g in entry["grid"] for k in g if k != "val_accuracy"})
+    selected = entry["selected"]
+    return {k: selected["train_config"].get(k, selected["config"].get(k)) for k in grid_keys}
+
+
 def _pm(cell: dict[str, Any]) -> str:
     if cell["mean"] is None:
         return "n/a"
@@ -220,8 +228,7 @@ def markdown(report: BenchReport) -> str:
               "|---|---|---|---|---|"]
     for e in report.entries:
         view = "vtab" if e["shots"] is None else f"{e['shots']}-shot draw {e['draw']}"
-        grid_keys = sorted({k for g in e["grid"] for k in g if k != "val_accuracy"})
-        chosen = {k: e["selected"]["train_config"].get(k, e["selected"]["config"].get(k)) for k in grid_keys}
+        chosen = selected_point(e)
         lines.append(f"| {e['task']} | {view} | {e['method']} | "
                      f"{', '.join(f'{k}={v}' for k, v in chosen.items()) or 'defaults (no search)'} | "
                      f"{_pct(e['best_val_accuracy'])} |")
