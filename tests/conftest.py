@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,9 +17,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_BACKBONE = "random:vit_tiny_patch16_224"
 
 
-# Every test session gets its own cache (converted weights, stores, built data).
-os.environ["FROZENLENS_CACHE"] = tempfile.mkdtemp(prefix="frozenlens-test-cache-")
+# Every test session gets its own cache (converted weights, stores, built data),
+# removed when the session ends (about 300 MB; left behind, they fill /tmp run after run).
+_TEST_CACHE = tempfile.mkdtemp(prefix="frozenlens-test-cache-")
+os.environ["FROZENLENS_CACHE"] = _TEST_CACHE
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove this session's cache."""
+    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 def make_vtab_task(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
