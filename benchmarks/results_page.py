@@ -171,10 +171,9 @@ DIAGNOSTICS = {
         "68.0-70.0. It chose weight decay 0.1 (lr 0.5), which tests at 65.82 +- 0.27, above the full run's VQT "
         "(64.77) and Head2Toe (65.33); its last-epoch loss is 0.571 (0.074 at weight decay 0.01). Head2Toe also "
         "chose the largest weight decay of its grid and was not widened, so this is no verdict. It widens VQT's "
-        "grid only, so it explains the VQT > Head2Toe "
-        "verdict and does not feed it. Its training ran beside the test suite: \"train s/seed\" is not a "
-        "timing.",
-        "full per method except the grid (6 points beyond VQT's own), CIFAR-10 only"),
+        "grid only, so it explains the VQT > Head2Toe verdict and does not feed it. "
+        "Its training ran beside the test suite: \"train s/seed\" is not a timing.",
+        "full per method except the grid (6 points at and beyond the corner of VQT's own), CIFAR-10 only"),
 }
 """Side runs: folder under benchmarks/results/bench -> what it checks and how it was run."""
 
