@@ -33,7 +33,7 @@ def stored(tiny_backbone, tiny_task):
 SPECS = {
     "linear": ("linear", {"patch_mean": True}),
     "head2toe": ("head2toe", {"keep_fraction": 0.3}),
-    "vqt": ("vqt", {"query_dropout": 0.0, "num_queries": 2}),
+    "vqt": ("vqt", {"num_queries": 2}),    # its default query dropout (0.1): each config draws its own
     "mist": ("mist", {"gather_depth": 8, "lae_blocks": 1}),
     "inca": ("inca", {"layers": "10+11"}),
 }

@@ -20,9 +20,11 @@ Each configuration keeps its own initialisation (its seed), learning rate,
 weight decay and schedule. They share the minibatch order, drawn from
 ``TrainConfig.order_seed`` (the first configuration's), and whatever
 :data:`SHARED_SETTINGS` names; configurations that differ there train in
-separate groups. With the same order seed, a configuration trained in a stack
-ends with the same weights as trained alone (``tests/test_stacked.py``), up to
-float rounding (and dropout draws, which the stacked path makes per stack).
+separate groups. Each configuration also keeps its own random stream (seeded
+from its ``seed``, as training alone seeds torch's), so its dropout draws do not
+depend on which configurations share its stack. With the same order seed, a
+configuration trained in a stack ends with the same weights as trained alone
+(``tests/test_stacked.py``), up to float rounding.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ SHARED_SETTINGS = ("epochs", "batch_size", "optimizer", "warmup_epochs", "moment
 
 class StackedView(nn.Module):
     """Every configuration's training view at once (built by :meth:`Stackable.stack`)."""
+
+    random_streams: "list[_RandomStream] | None" = None
+    """Each configuration's random stream while :func:`train_many` trains the stack (None otherwise)."""
+
+    def per_config_dropout(self, inputs: Sequence[torch.Tensor], p: float) -> list[torch.Tensor]:
+        """Dropout on ``inputs[c]`` for each configuration ``c``, drawn from configuration ``c``'s own
+        random stream: the draws that configuration makes when it trains alone, whatever shares its stack."""
+        if self.random_streams is None:
+            return [F.dropout(x, p, self.training) for x in inputs]
+        dropped = []
+        for x, stream in zip(inputs, self.random_streams, strict=True):
+            with stream:
+                dropped.append(F.dropout(x, p, self.training))
+        return dropped
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
         """Logits ``(C, B, K)`` of every configuration for one shared batch."""
@@ -214,23 +230,23 @@ def _train_stacked(stacked: StackedView, data: Any, cfgs: Sequence[TrainConfig],
     count = len(cfgs)
     losses: list[list[float]] = [[] for _ in cfgs]
     step = 0
-    with torch.random.fork_rng(devices=_RandomStream._devices()):
-        torch.manual_seed(first.seed)  # dropout draws of the stack
-        for _ in _epochs(first, progress, desc, count):
-            totals = torch.zeros(count, dtype=torch.float64)
-            for features, labels in _batches(data, first, generator):
-                logits = stacked(features)                                   # (C, B, K)
-                per_config = F.cross_entropy(logits.flatten(0, 1), labels.repeat(count),
-                                             label_smoothing=first.label_smoothing,
-                                             reduction="none").view(count, -1).mean(1)
-                per_config = per_config + stacked.regularization()
-                optimizer.zero_grad()
-                per_config.sum().backward()
-                optimizer.step(factor(step))
-                step += 1
-                totals += per_config.detach().double().cpu() * len(labels)
-            for i in range(count):
-                losses[i].append(float(totals[i]) / len(data))
+    stacked.random_streams = [_RandomStream(c.seed) for c in cfgs]    # dropout draws, as each alone
+    for _ in _epochs(first, progress, desc, count):
+        totals = torch.zeros(count, dtype=torch.float64)
+        for features, labels in _batches(data, first, generator):
+            logits = stacked(features)                                       # (C, B, K)
+            per_config = F.cross_entropy(logits.flatten(0, 1), labels.repeat(count),
+                                         label_smoothing=first.label_smoothing,
+                                         reduction="none").view(count, -1).mean(1)
+            per_config = per_config + stacked.regularization()
+            optimizer.zero_grad()
+            per_config.sum().backward()
+            optimizer.step(factor(step))
+            step += 1
+            totals += per_config.detach().double().cpu() * len(labels)
+        for i in range(count):
+            losses[i].append(float(totals[i]) / len(data))
+    stacked.random_streams = None
     stacked.eval()
     stacked.unstack()
     return losses

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from frozenlens.methods.vqt.query_attention import key_mask, query_block
@@ -46,7 +45,7 @@ class StackedVQT(StackedView):
         self.blocks = [first.query_blocks()]   # a list: frozen, not a submodule
         self.cls_key, self.input_keys = cls_key, list(input_keys)
         self.normalize = first.config.normalize
-        self.dropout = nn.Dropout(first.config.query_dropout)
+        self.dropout = first.config.query_dropout
         self.queries = stack_parameters([m.queries for m in methods])
         self.weight = stack_parameters([m.head.weight for m in methods])
         self.bias = stack_parameters([m.head.bias for m in methods])
@@ -60,9 +59,9 @@ class StackedVQT(StackedView):
         parts = [(F.normalize(cls_token, dim=-1) if self.normalize else cls_token).unsqueeze(1).expand(-1, configs, -1)]
         for layer, (block, key) in enumerate(zip(self.blocks[0], self.input_keys)):
             queries = self.queries[:, layer]                                      # (C, T, D)
-            if self.training and self.dropout.p > 0:
-                queries = self.dropout(queries.unsqueeze(1).expand(-1, size, -1, -1)).transpose(0, 1)
-                queries = queries.reshape(size, configs * tokens, dim)          # per image
+            if self.training and self.dropout > 0:                            # per image, as VQT.summaries
+                dropped = self.per_config_dropout([q.unsqueeze(0).expand(size, -1, -1) for q in queries], self.dropout)
+                queries = torch.stack(dropped, 1).reshape(size, configs * tokens, dim)
             else:
                 queries = queries.reshape(1, configs * tokens, dim)             # shared by every image
             out = query_block(block, queries, batch[key], normed=True, key_mask=mask)
