@@ -231,22 +231,24 @@ def _train_stacked(stacked: StackedView, data: Any, cfgs: Sequence[TrainConfig],
     losses: list[list[float]] = [[] for _ in cfgs]
     step = 0
     stacked.random_streams = [_RandomStream(c.seed) for c in cfgs]    # dropout draws, as each alone
-    for _ in _epochs(first, progress, desc, count):
-        totals = torch.zeros(count, dtype=torch.float64)
-        for features, labels in _batches(data, first, generator):
-            logits = stacked(features)                                       # (C, B, K)
-            per_config = F.cross_entropy(logits.flatten(0, 1), labels.repeat(count),
-                                         label_smoothing=first.label_smoothing,
-                                         reduction="none").view(count, -1).mean(1)
-            per_config = per_config + stacked.regularization()
-            optimizer.zero_grad()
-            per_config.sum().backward()
-            optimizer.step(factor(step))
-            step += 1
-            totals += per_config.detach().double().cpu() * len(labels)
-        for i in range(count):
-            losses[i].append(float(totals[i]) / len(data))
-    stacked.random_streams = None
+    try:
+        for _ in _epochs(first, progress, desc, count):
+            totals = torch.zeros(count, dtype=torch.float64)
+            for features, labels in _batches(data, first, generator):
+                logits = stacked(features)                                       # (C, B, K)
+                per_config = F.cross_entropy(logits.flatten(0, 1), labels.repeat(count),
+                                             label_smoothing=first.label_smoothing,
+                                             reduction="none").view(count, -1).mean(1)
+                per_config = per_config + stacked.regularization()
+                optimizer.zero_grad()
+                per_config.sum().backward()
+                optimizer.step(factor(step))
+                step += 1
+                totals += per_config.detach().double().cpu() * len(labels)
+            for i in range(count):
+                losses[i].append(float(totals[i]) / len(data))
+    finally:
+        stacked.random_streams = None
     stacked.eval()
     stacked.unstack()
     return losses
