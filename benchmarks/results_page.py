@@ -403,18 +403,28 @@ def diagnostics_section() -> list[str]:
         if report is None:
             continue
         lines += [f"### {diagnostic.title}", "", diagnostic.why, "", recipe(report, diagnostic.recipe), "",
-                  f"Command: `{diagnostic.command}`.", "", *markdown_table(report), ""]
+                  f"Command: `{diagnostic.command}`.", "", *markdown_table(report), "", plots_and_report(folder), ""]
     return ["## Diagnostics", "", *lines] if lines else []
 
 
 def full_store_section(report: BenchReport) -> list[str]:
     """The 224-px full-recipe store run (:data:`FULL_STORE`): why, recipe, command, table."""
-    rel = Path("..") / (BENCH / FULL_STORE).relative_to(REPO_ROOT)
     return [f"## Store methods at the full recipe, 224 px, {task_list(report)}", "", FULL_STORE_WHY, "",
             recipe(report, FULL_STORE_RECIPE), "", f"Command: `{FULL_STORE_COMMAND}`.", "",
             f"**Selection rule.** {report.context['selection_rule']}.", "", *markdown_table(report), "",
-            selections(report), "",
-            f"Full report: [report.md]({rel / 'report.md'}).", ""]
+            selections(report), "", plots_and_report(FULL_STORE), ""]
+
+
+PLOTS = ("accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_per_layer.png", "training_loss.png")
+"""The plots a bench writes (accuracy per layer only when InCA or VQT ran)."""
+
+
+def plots_and_report(folder: str) -> str:
+    """A line linking the plots and the full report of the bench in ``folder`` (under :data:`BENCH`)."""
+    rel = Path("..") / (BENCH / folder).relative_to(REPO_ROOT)
+    plots = [f"[{p}]({rel / p})" for p in PLOTS if (BENCH / folder / p).is_file()]
+    report = f"full report: [report.md]({rel / 'report.md'})."
+    return f"Plots: {', '.join(plots)}; {report}" if plots else report[0].upper() + report[1:]
 
 
 def task_list(report: BenchReport) -> str:
@@ -467,11 +477,7 @@ def page(reports: dict[str, BenchReport | None], command: str) -> str:
         lines += [f"## {titles[kind]}", "", recipe(report), "", *([f"Command: `{command}`.", ""] if command else []),
                   *NOTES.get(kind, []), f"**Selection rule.** {report.context['selection_rule']}.", "",
                   *markdown_table(report)]
-        rel = Path("..") / (BENCH / kind).relative_to(REPO_ROOT)
-        plots = [p for p in ("accuracy_vs_params.png", "accuracy_vs_memory.png", "accuracy_per_layer.png",
-                             "training_loss.png") if (BENCH / kind / p).is_file()]
-        lines += ["", "Plots: " + ", ".join(f"[{p}]({rel / p})" for p in plots) + f"; full report: "
-                  f"[report.md]({rel / 'report.md'}).", ""]
+        lines += ["", plots_and_report(kind), ""]
     full_store = load(FULL_STORE)
     if full_store is not None:
         lines += full_store_section(full_store)
