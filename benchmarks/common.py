@@ -58,6 +58,12 @@ def machine_line(ctx: dict[str, Any]) -> str:
             f"torch {ctx['torch']} ({ctx['torch_threads']} threads); date {ctx['date']}.")
 
 
+def task_line(ctx: dict[str, Any]) -> str:
+    """The opening of a report's recipe line: the task, its image counts, the backbone and input size."""
+    return (f"Task `{ctx['task']}` ({ctx['train_images']} training images, {ctx['test_images']} test images "
+            f"evenly spaced through test.txt), backbone {ctx['backbone']} at {ctx['image_size']} px")
+
+
 def resolve_task(name: str) -> Path | None:
     """A task folder: a path, or the name of a task in ``../shared/data``; None when absent."""
     path = Path(name)

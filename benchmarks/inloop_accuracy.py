@@ -28,7 +28,15 @@ import sys
 import time
 from typing import Any, Sequence
 
-from common import command_line, machine_context, machine_line, open_small_run, save_results, small_run_parser
+from common import (
+    command_line,
+    machine_context,
+    machine_line,
+    open_small_run,
+    save_results,
+    small_run_parser,
+    task_line,
+)
 
 from frozenlens.api import MethodSpec, fit
 from frozenlens.methods import get_method
@@ -74,11 +82,10 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
     return "\n".join([
         "# In-loop methods: small accuracy runs",
         "",
-        f"Task `{ctx['task']}` ({ctx['train_images']} training images, {ctx['test_images']} test images "
-        f"evenly spaced through test.txt), backbone {ctx['backbone']} at {ctx['image_size']} px, "
-        f"in-loop methods {ctx['epochs']} epoch(s) with {ctx['warmup_epochs']} warm-up, store-trained "
-        f"references ({', '.join(REFERENCES)}) {ctx['reference_epochs']} epochs; seed {ctx['seed']}, no grid "
-        "search; each method otherwise with its own recipe (optimizer, lr, batch size, cosine schedule).",
+        f"{task_line(ctx)}, in-loop methods {ctx['epochs']} epoch(s) with {ctx['warmup_epochs']} warm-up, "
+        f"store-trained references ({', '.join(REFERENCES)}) {ctx['reference_epochs']} epochs; "
+        f"seed {ctx['seed']}, no grid search; each method otherwise with its own recipe "
+        "(optimizer, lr, batch size, cosine schedule).",
         machine_line(ctx),
         "",
         f"Command: `{ctx['command']}`",

@@ -27,7 +27,15 @@ import sys
 import time
 from typing import Any, Sequence
 
-from common import command_line, machine_context, machine_line, open_small_run, save_results, small_run_parser
+from common import (
+    command_line,
+    machine_context,
+    machine_line,
+    open_small_run,
+    save_results,
+    small_run_parser,
+    task_line,
+)
 
 from frozenlens.api import fit
 from frozenlens.report import markdown_table
@@ -47,8 +55,7 @@ def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
     lines = [
         "# VQT: L2-normalised head inputs or not (shortened run)",
         "",
-        f"Task `{ctx['task']}` ({ctx['train_images']} training images, {ctx['test_images']} test images "
-        f"evenly spaced through test.txt), backbone {ctx['backbone']} at {ctx['image_size']} px, VQT T=1, "
+        f"{task_line(ctx)}, VQT T=1, "
         f"{ctx['epochs']} epochs with {ctx['warmup_epochs']} warm-up (the recipe: 100 with 10), seed {ctx['seed']}; "
         f"lr tuned over {ctx['lrs']} on train800/val200 (weight decay 1e-4), then retrained on "
         "train800val200 and tested once.",
