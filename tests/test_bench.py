@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
 
 from frozenlens.bench import BenchConfig, run_bench
 from frozenlens.bench.views import draw_shots, fewshot_view
@@ -168,6 +171,23 @@ def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterr
     assert len(list(out.glob("cells/**/*.json"))) == 2 + 2 + 2
     whole = json.loads((uninterrupted[1] / "report.json").read_text())
     assert results_only(json.loads((out / "report.json").read_text())) == results_only(whole)
+
+
+def test_finished_cells_start_the_progress_bar(bench_task, uninterrupted, tmp_path, monkeypatch, caplog):
+    """Rerunning a finished bench computes nothing, and every saved cell, final runs included, starts the
+    overall bar, so its ETA counts only cells still to compute."""
+    import frozenlens.bench.runner as runner
+
+    out = tmp_path / "again"
+    shutil.copytree(uninterrupted[1], out)
+    cells = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")}
+    bars = []
+    monkeypatch.setattr(runner, "tqdm", lambda *args, **kwargs: bars.append(kwargs) or tqdm(*args, **kwargs))
+    with caplog.at_level(logging.INFO, logger="frozenlens"):
+        run_bench(tiny(bench_task, out, ["linear", "bitfit"], **RESUMED))
+    assert len(cells) == 2 + 2 + 2 and bars[0]["initial"] == bars[0]["total"] == len(cells)
+    assert f"{len(cells)} cell(s) already finished" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")} == cells
 
 
 def test_ray_engine_matches_the_local_engine(bench_task, tmp_path, uninterrupted, monkeypatch):

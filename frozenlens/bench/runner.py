@@ -152,15 +152,23 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
                 results[cell] = saved
         return todo
 
+    def final_cells() -> list[Cell]:
+        """The final cells of every group whose grid cells have all finished."""
+        return [c for g in groups if all(gc in results for gc in g.grid_cells)
+                for c in g.finals(select_point([(gc, results[gc]) for gc in g.grid_cells]))]
+
     first = [c for g in groups for c in g.grid_cells]
     todo = pending(first)
+    known_finals = final_cells()
+    finals_saved = len(known_finals) - len(pending(known_finals))
     total = len(first) + sum(len(g.finals(())) for g in groups)
-    if len(todo) < len(first):
-        _log.info("%d cell(s) already finished in %s; they are not recomputed", len(first) - len(todo),
-                  ledger.root)
+    saved = len(first) - len(todo) + finals_saved
+    if saved:
+        _log.info("%d cell(s) already finished in %s; they are not recomputed", saved, ledger.root)
     engine = _engine(config, ws)
     started = time.perf_counter()
-    bar = tqdm(total=total, initial=len(first) - len(todo), desc="bench", unit="cell",
+    # Finished cells start the bar, so its ETA counts only the cells still to compute.
+    bar = tqdm(total=total, initial=saved, desc="bench", unit="cell",
                disable=not config.progress, dynamic_ncols=True)
 
     def done(cell: Cell, result: dict[str, Any]) -> None:
@@ -180,10 +188,10 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
 
             ensure_stores(todo)
             engine.run(todo, done, bar)
-            finals = [c for g in groups for c in g.finals(select_point([(gc, results[gc]) for gc in g.grid_cells]))]
+            finals = final_cells()
             todo = pending(finals)
             ensure_stores(todo)
-            bar.update(len(finals) - len(todo))
+            bar.update(len(finals) - len(todo) - finals_saved)
             engine.run(todo, done, bar)
     finally:
         engine.close()
