@@ -58,10 +58,13 @@ def machine_line(ctx: dict[str, Any]) -> str:
             f"torch {ctx['torch']} ({ctx['torch_threads']} threads); date {ctx['date']}.")
 
 
-def task_line(ctx: dict[str, Any]) -> str:
-    """The opening of a report's recipe line: the task, its image counts, the backbone and input size."""
-    return (f"Task `{ctx['task']}` ({ctx['train_images']} training images, {ctx['test_images']} test images "
-            f"evenly spaced through test.txt), backbone {ctx['backbone']} at {ctx['image_size']} px")
+def small_run_head(title: str, ctx: dict[str, Any], recipe: str) -> list[str]:
+    """The opening lines of a small run's Markdown report: its title, the task, its image counts, backbone
+    and input size followed by ``recipe``, the machine, and the command that ran it."""
+    return [f"# {title}", "",
+            f"Task `{ctx['task']}` ({ctx['train_images']} training images, {ctx['test_images']} test images "
+            f"evenly spaced through test.txt), backbone {ctx['backbone']} at {ctx['image_size']} px, {recipe}",
+            machine_line(ctx), "", f"Command: `{ctx['command']}`", ""]
 
 
 def resolve_task(name: str) -> Path | None:

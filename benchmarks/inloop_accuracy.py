@@ -28,15 +28,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from common import (
-    command_line,
-    machine_context,
-    machine_line,
-    open_small_run,
-    save_results,
-    small_run_parser,
-    task_line,
-)
+from common import command_line, machine_context, open_small_run, save_results, small_run_head, small_run_parser
 
 from frozenlens.api import MethodSpec, fit
 from frozenlens.methods import get_method
@@ -79,17 +71,11 @@ def run_method(spec: str, task, backbone, args: argparse.Namespace) -> dict[str,
 
 
 def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
+    recipe = (f"in-loop methods {ctx['epochs']} epoch(s) with {ctx['warmup_epochs']} warm-up, store-trained "
+              f"references ({', '.join(REFERENCES)}) {ctx['reference_epochs']} epochs; seed {ctx['seed']}, no "
+              "grid search; each method otherwise with its own recipe (optimizer, lr, batch size, cosine schedule).")
     return "\n".join([
-        "# In-loop methods: small accuracy runs",
-        "",
-        f"{task_line(ctx)}, in-loop methods {ctx['epochs']} epoch(s) with {ctx['warmup_epochs']} warm-up, "
-        f"store-trained references ({', '.join(REFERENCES)}) {ctx['reference_epochs']} epochs; "
-        f"seed {ctx['seed']}, no grid search; each method otherwise with its own recipe "
-        "(optimizer, lr, batch size, cosine schedule).",
-        machine_line(ctx),
-        "",
-        f"Command: `{ctx['command']}`",
-        "",
+        *small_run_head("In-loop methods: small accuracy runs", ctx, recipe),
         markdown_table(records),
         "",
         "A few epochs at a reduced input size: a check that every method learns through the public API, "

@@ -27,15 +27,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from common import (
-    command_line,
-    machine_context,
-    machine_line,
-    open_small_run,
-    save_results,
-    small_run_parser,
-    task_line,
-)
+from common import command_line, machine_context, open_small_run, save_results, small_run_head, small_run_parser
 
 from frozenlens.api import fit
 from frozenlens.report import markdown_table
@@ -52,17 +44,11 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def markdown(records: list[dict[str, Any]], ctx: dict[str, Any]) -> str:
+    recipe = (f"VQT T=1, {ctx['epochs']} epochs with {ctx['warmup_epochs']} warm-up (the recipe: 100 with 10), "
+              f"seed {ctx['seed']}; lr tuned over {ctx['lrs']} on train800/val200 (weight decay 1e-4), then "
+              "retrained on train800val200 and tested once.")
     lines = [
-        "# VQT: L2-normalised head inputs or not (shortened run)",
-        "",
-        f"{task_line(ctx)}, VQT T=1, "
-        f"{ctx['epochs']} epochs with {ctx['warmup_epochs']} warm-up (the recipe: 100 with 10), seed {ctx['seed']}; "
-        f"lr tuned over {ctx['lrs']} on train800/val200 (weight decay 1e-4), then retrained on "
-        "train800val200 and tested once.",
-        machine_line(ctx),
-        "",
-        f"Command: `{ctx['command']}`",
-        "",
+        *small_run_head("VQT: L2-normalised head inputs or not (shortened run)", ctx, recipe),
         markdown_table(records),
         "",
         "| setting | chosen lr | val acc per lr |",
