@@ -280,7 +280,8 @@ def split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], dic
 
 def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str, list[Any]],
             progress: bool) -> tuple[list[dict[str, Any]], TrainConfig, Any]:
-    """Train every grid point on train, rank on val.
+    """Train every grid point on train, rank on val; what each point's fit chose on val
+    (:attr:`Method.validation_choices`) joins its row, and the winner's config keeps it.
 
     Points that share the method config train in one stacked pass (:meth:`Method.fit_many`);
     methods that run the backbone in the loop train one point at a time (each holds
@@ -295,6 +296,7 @@ def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str,
     for index, (_, config) in enumerate(runs):
         groups.setdefault(f"{index}" if probe.in_loop else repr(config), []).append(index)
     accuracies: dict[int, float] = {}
+    chosen: dict[int, dict[str, Any]] = {}
     for members in groups.values():
         if progress:
             _log.info("%s: grid pass on train, %d configuration%s together, ranked on val", probe.name,
@@ -305,11 +307,13 @@ def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str,
                                  progress=progress)
         for index, model in zip(members, models):
             accuracies[index] = evaluate(model, val, runs[index][0].device)
+            chosen[index] = {name: getattr(model.config, name) for name in type(probe).validation_choices}
     rows, best, best_acc = [], (base, probe.config), -1.0
     for index, point in enumerate(points):
-        rows.append({**point, "val_accuracy": accuracies[index]})
+        rows.append({**point, **chosen[index], "val_accuracy": accuracies[index]})
         if progress:
-            _log.info("  %s %s val=%.4f", probe.name, point, accuracies[index])
+            _log.info("  %s %s val=%.4f", probe.name, {**point, **chosen[index]}, accuracies[index])
         if accuracies[index] > best_acc:
-            best, best_acc = runs[index], accuracies[index]
+            best = (runs[index][0], dataclasses.replace(runs[index][1], **chosen[index]))
+            best_acc = accuracies[index]
     return rows, best[0], best[1]

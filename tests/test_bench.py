@@ -142,6 +142,23 @@ def test_bench_reports_what_each_seed_chose(bench_task, tmp_path):
     assert "Chosen on held-out data" in markdown and "seed 1: gather_depth=" in markdown
 
 
+def test_search_carries_the_k_mist_chose_on_val_into_the_finals(bench_task, tmp_path):
+    """With a grid, each point's fit chooses k on val; the winner's k trains the finals (one
+    fit per seed, no reselection on a holdout), as its learning rate does."""
+    report = run_bench(tiny(bench_task, tmp_path, ["mist"], epochs=1, seeds=2))
+    entry = report.entries[0]
+    assert [sorted(row) for row in entry["grid"]] == [["gather_depth", "lr", "val_accuracy"]] * 2
+    best = max(entry["grid"], key=lambda row: row["val_accuracy"])
+    assert best["gather_depth"] in (4, 8, 12)
+    assert entry["selected"]["config"]["gather_depth"] == best["gather_depth"]
+    assert "choices" not in entry                         # the finals chose nothing themselves
+    final = [cell for cell in (tmp_path / "cells").rglob("final-*.json")]
+    assert len(final) == 1
+    saved = json.loads(final[0].read_text())
+    assert ["gather_depth", best["gather_depth"]] in saved["cell"]["point"]
+    assert [len(curve) for curve in saved["result"]["train_losses"]] == [1, 1]   # one epoch, one fit
+
+
 def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterrupted):
     """SIGKILL a bench mid-run; the rerun keeps every finished cell file untouched, computes the
     rest, and its report equals an uninterrupted run's (times and memory aside)."""

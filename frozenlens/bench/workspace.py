@@ -113,9 +113,13 @@ class Workspace:
         cfg = train_config_of(spec, self.config).to_dict()
         cfg.pop("device")
         c = self.config
-        return {"backbone": [c.backbone, c.arch, c.img_size], "store_dtype": c.store_dtype,
-                "config": repr(spec.config()), "train": cfg, "grid": grid_of(spec, c, view),
-                "splits": split_signature(view)}
+        material = {"backbone": [c.backbone, c.arch, c.img_size], "store_dtype": c.store_dtype,
+                    "config": repr(spec.config()), "train": cfg, "grid": grid_of(spec, c, view),
+                    "splits": split_signature(view)}
+        carried = get_method(spec.name).validation_choices
+        if carried:  # a search's point carries these choices into the finals (older searches did not)
+            material["validation_choices"] = list(carried)
+        return material
 
     # -- cells --------------------------------------------------------------------------
     def execute(self, cell: Cell, progress: bool = False) -> dict[str, Any]:

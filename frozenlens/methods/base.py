@@ -48,6 +48,14 @@ class Method(nn.Module):
     built with the :class:`FrozenBackbone` itself, not its description.
     """
 
+    validation_choices: ClassVar[tuple[str, ...]] = ()
+    """Config fields that ``fit`` chooses on validation data when left open (MIST's ``gather_depth``).
+
+    During a grid search ``fit`` gets the val split, so each grid point's choice is made on
+    val; the protocol records it beside the point and the final runs train with the winning
+    point's choice fixed, as they do with its learning rate (:func:`frozenlens.protocol.search_grid`).
+    Without a grid search, a final fit makes the choice itself on a holdout of its data."""
+
     modalities: ClassVar[tuple[str, ...]] = ("image",)
     """Kinds of backbone the method works on: ``"image"`` (a ViT, :class:`FrozenBackbone`) and/or
     ``"text"`` (a :class:`~frozenlens.backbones.text.TextBackbone`, whose taps come with a padding

@@ -293,6 +293,7 @@ class MIST(SideNetwork):
     config_class = MISTConfig
     summary = ("low-rank attention edge network (LAE) on g_k = embed + sum of the first k block "
                "outputs; k chosen on validation among N/3, 2N/3, N")
+    validation_choices = ("gather_depth",)
     remote_settings: ClassVar[dict[str, Any]] = {"gathered": True}
     """With a feature server (``fit --remote``) MIST asks for g_k itself: one token map per image."""
 
