@@ -110,7 +110,8 @@ NOTES = {"store": [
     "carrying k into the final runs: before, each final run chose k again on a 20% holdout of train+val and "
     "refitted (12 in 8 of 9 runs, 8 once on Fashion-MNIST), four fits per seed instead of one (64.5 s per "
     "seed then, 21.5 now); where it had chosen 12 the refit was the same fit, so only Fashion-MNIST's seed "
-    "moved (78.83 to 78.53 on the mean). InCA's chosen block is its top-scoring one. VQT's cells here predate the stacked trainer's per-configuration dropout streams "
+    "moved (78.83 to 78.53 on the mean). InCA's chosen block is its top-scoring one. "
+    "VQT's cells here predate the stacked trainer's per-configuration dropout streams "
     "(a VQT grid point's dropout draws then depended on what shared its stack): the same recipe with other "
     "draws, not rerun at 56 px (the 224-px run below was).", ""],
     "inloop": [
