@@ -37,9 +37,11 @@ from typing import NamedTuple, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS, command_line, machine_context, machine_line  # noqa: E402
 
+from frozenlens.api import MethodSpec  # noqa: E402
 from frozenlens.bench import BenchConfig, run_bench  # noqa: E402
 from frozenlens.bench.report import BenchReport, selected_point, table  # noqa: E402
 from frozenlens.cli.bench import _grid  # noqa: E402
+from frozenlens.methods import get_method  # noqa: E402
 
 STORE_METHODS = ["linear", "head2toe", "vqt", "inca", "mist", "last"]
 FULL = {"store_img_size": 224, "inloop_img_size": 56, "seeds": 3, "epochs": None, "grid": None}
@@ -475,15 +477,17 @@ def task_list(report: BenchReport) -> str:
 
 def selections(report: BenchReport) -> str:
     """What each method's grid chose on val200 per task, flagging a choice at the edge of its grid (a wider
-    grid might have chosen beyond it)."""
+    grid might have chosen beyond it; what a fit chose among its own candidates, such as MIST's k, is no
+    grid axis)."""
     parts = []
     for e in report.entries:
         points = [{k: v for k, v in p.items() if k != "val_accuracy"} for p in e.get("grid") or []]
         if not points:
             continue
         chosen = selected_point(e)
-        edges = [k for k, v in chosen.items()
-                 if len({p[k] for p in points}) > 2 and v in (min(p[k] for p in points), max(p[k] for p in points))]
+        own = get_method(MethodSpec.parse(e["method"]).name).validation_choices
+        edges = [k for k, v in chosen.items() if k not in own and len({p[k] for p in points}) > 2
+                 and v in (min(p[k] for p in points), max(p[k] for p in points))]
         shown = ", ".join(f"{k}={v:g}" for k, v in chosen.items())
         edge = f" (at the edge of its grid in {', '.join(edges)})" if edges else ""
         parts.append(f"{e['task']} {e['method']}: {shown}, val200 {100 * e['best_val_accuracy']:.1f}{edge}")

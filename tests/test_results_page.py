@@ -48,3 +48,11 @@ def test_a_choice_at_the_edge_of_its_grid_is_flagged():
     assert text == "Chosen on val200: c vqt: lr=0.1, weight_decay=0.01, val200 70.0."  # 2-value axes: no edge
     grid[0]["val_accuracy"] = 0.9
     assert "(at the edge of its grid in lr)" in selections(_report({"vqt": {"c": 0.5}}, grids={"vqt": grid}))
+
+
+def test_what_a_fit_chose_for_itself_is_no_grid_edge():
+    """MIST's k joins each search row (chosen on val by the fit); k = N is not the edge of a grid."""
+    grid = [{"lr": lr, "gather_depth": k, "val_accuracy": acc}
+            for lr, k, acc in [(3e-3, 4, 0.5), (1e-3, 12, 0.7), (3e-4, 8, 0.6)]]
+    text = selections(_report({"mist": {"c": 0.5}}, grids={"mist": grid}))
+    assert text == "Chosen on val200: c mist: gather_depth=12, lr=0.001, val200 70.0."
