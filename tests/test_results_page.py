@@ -4,11 +4,12 @@ are flagged."""
 
 from __future__ import annotations
 
-from benchmarks.results_page import CLAIMS, full_store_verdict, selections, verdict
+from benchmarks.results_page import CLAIMS, full_runs_verdict, full_store_verdict, selections, verdict
 from frozenlens.bench.report import BenchReport
 
 VQT_OVER_HEAD2TOE = next(c for c in CLAIMS if c[2] == ("vqt", "head2toe"))
 TOAST_OVER_LORA = next(c for c in CLAIMS if c[2] == ("toast", "lora"))
+MIST_OVER_LINEAR = next(c for c in CLAIMS if c[2] == ("mist", "linear"))
 
 
 def _report(means: dict[str, dict[str, float]], size: int = 224, grids: dict[str, list[dict]] | None = None
@@ -38,6 +39,14 @@ def test_the_224_px_column_covers_only_the_store_claims_it_ran():
     report = _report({"vqt": {"cifar10": 0.6477}, "head2toe": {"cifar10": 0.6533}, "lora": {"cifar10": 0.7}})
     assert full_store_verdict(VQT_OVER_HEAD2TOE, report).startswith("vqt 64.77 vs head2toe 65.33: **does not hold**")
     assert full_store_verdict(TOAST_OVER_LORA, report) == "—"
+
+
+def test_a_224_px_verdict_from_a_run_on_fewer_tasks_names_them():
+    main = _report({"vqt": {"aid": 0.8, "cifar10": 0.64}, "linear": {"aid": 0.78, "cifar10": 0.63}})
+    side = _report({"mist": {"cifar10": 0.66}, "linear": {"cifar10": 0.63}})
+    assert full_runs_verdict(MIST_OVER_LINEAR, [main, side]).startswith("on cifar10 only: mist 66.00 vs linear 63.00")
+    assert full_runs_verdict(VQT_OVER_HEAD2TOE, [main, side]) == "—"
+    assert "only" not in full_runs_verdict(next(c for c in CLAIMS if c[2] == ("vqt", "linear")), [main, side])
 
 
 def test_a_choice_at_the_edge_of_its_grid_is_flagged():
