@@ -246,7 +246,8 @@ DIAGNOSTICS = {
         "wider grid might have chosen beyond it. This run trains lr 0.01, 0.003 x weight decay 1e-3, 1e-4 with "
         "k fixed at 12 (what every point chose there), 100 epochs, seed 0. It chose the same point again "
         "(lr 0.003, weight decay 1e-4, val200 70.5; lr 0.01 scored 66.0 and 59.0, weight decay 1e-3 at lr "
-        "0.003 65.0), and seed 0 tests at 62.70, as in the run above (its seed 0: 62.70; the probe 63.58 +- 0.08). So the wider grid does not change MIST < linear on CIFAR-10. It ran alone: "
+        "0.003 65.0), and seed 0 tests at 62.70, as in the run above (its seed 0: 62.70; the probe 63.58 +- 0.08). "
+        "So the wider grid does not change MIST < linear on CIFAR-10. It ran alone: "
         "\"train s/seed\" is a timing.",
         "shortened: seed 0 only, CIFAR-10 only, k fixed at 12"),
 }
