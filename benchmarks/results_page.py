@@ -312,7 +312,7 @@ SIDE_224_RECIPE = ("full per method (its own grid and epochs, 3 seeds, 224 px), 
 SIDE_224_WHY = (
     "MIST's claims are at 224 px too, where its edge network attends over all 257 tokens of g_k: here its grid "
     "search (6 points, each training the three candidate depths k = 4, 8, 12 on train800 and ranking them on "
-    "val200) takes 1 h 15 min per task and its final runs (the chosen k, 3 seeds) about 16 min; LAST, with "
+    "val200) took 74 min on AID, run alone, and its final runs (the chosen k, 3 seeds) about 16 min; LAST, with "
     "one side block per backbone block, an estimated 2.3 h per task. So they run task by task into their own "
     "folder, each task an invocation that reuses the cells already there. The linear probe's cells were copied "
     "from the run above (same store, grid, seeds and cell key), so its row is that run's; nothing of it was "
