@@ -21,7 +21,7 @@ import itertools
 import logging
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -105,23 +105,40 @@ class SearchResult:
     peak_memory_mb: float = 0.0
 
 
+class PointMemo(Protocol):
+    """Where a grid search keeps each point's outcome as it finishes (see :func:`search_grid`)."""
+
+    def load(self, point: dict[str, Any]) -> dict[str, Any] | None:
+        """The saved outcome of ``point``, or None when it has not finished."""
+
+    def save(self, point: dict[str, Any], outcome: dict[str, Any]) -> None:
+        """Keep the outcome of ``point`` (JSON-able) before the next point starts."""
+
+
 def search_grid(method: str, config: Any, store: ActivationStore | None, task: AnyTask,
                 backbone: FrozenBackbone | TextBackbone | dict[str, Any], *, train_config: TrainConfig,
-                grid: dict[str, list[Any]], progress: bool = False, stream: bool = False) -> SearchResult:
+                grid: dict[str, list[Any]], progress: bool = False, stream: bool = False,
+                memo: PointMemo | None = None) -> SearchResult:
     """The first half of :func:`run_protocol` on its own: every point of ``grid`` trained on
     ``train`` (store methods: all points together, in one stacked pass) and ranked on ``val``.
-    ``frozenlens bench`` saves it as one cell, so an interrupted bench never trains it twice."""
+    ``frozenlens bench`` saves it as one cell, so an interrupted bench never trains it twice.
+
+    With a ``memo``, a method that does not train its configurations together
+    (:attr:`Method.trains_together` false: MIST, LAST) fits its points one by one, saves each
+    point's outcome (val accuracy, what its fit chose on val, seconds, peak memory) as it
+    finishes, and skips every point the memo already holds: the rows are those of an
+    uninterrupted search, since a point fitted alone trains exactly as it does beside the others."""
     probe = build_method(method, config, backbone, len(task.classes))
-    return _tune(probe, _SplitCache(store, task, backbone, progress, stream), train_config, grid, progress)
+    return _tune(probe, _SplitCache(store, task, backbone, progress, stream), train_config, grid, progress, memo)
 
 
 def _tune(probe: Method, data: "_SplitCache", train_config: TrainConfig, grid: dict[str, list[Any]],
-          progress: bool) -> SearchResult:
-    with Measure(train_config.device) as measured:
-        rows, best_train, best_config = _search(probe, data, train_config, grid, progress)
+          progress: bool, memo: PointMemo | None = None) -> SearchResult:
+    rows, outcomes, best_train, best_config = _search(probe, data, train_config, grid, progress, memo)
     best = max(rows, key=lambda row: row["val_accuracy"])  # the first of equals, as _search keeps
     point = {k: v for k, v in best.items() if k != "val_accuracy"}
-    return SearchResult(rows, point, best_train, best_config, measured.seconds, measured.peak_mb)
+    return SearchResult(rows, point, best_train, best_config, sum(o["seconds"] for o in outcomes),
+                        max(o["peak_memory_mb"] for o in outcomes))
 
 
 def run_protocol(
@@ -278,42 +295,64 @@ def split_point(point: dict[str, Any], config: Any) -> tuple[dict[str, Any], dic
             {k: v for k, v in point.items() if k not in train_fields})
 
 
-def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str, list[Any]],
-            progress: bool) -> tuple[list[dict[str, Any]], TrainConfig, Any]:
+def _search(probe: Method, data: _SplitCache, base: TrainConfig, grid: dict[str, list[Any]], progress: bool,
+            memo: PointMemo | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], TrainConfig, Any]:
     """Train every grid point on train, rank on val; what each point's fit chose on val
     (:attr:`Method.validation_choices`) joins its row, and the winner's config keeps it.
 
     Points that share the method config train in one stacked pass (:meth:`Method.fit_many`);
     methods that run the backbone in the loop train one point at a time (each holds
-    its own copy of what it adapts, and its optimiser state).
+    its own copy of what it adapts, and its optimiser state), and so do the others when a
+    ``memo`` keeps each point (see :func:`search_grid`). Returns the rows, each point's
+    outcome (grid order: see :func:`_fit_points`) and the winner's train and method configs.
     """
     points = grid_points(grid)
     runs = []
     for point in points:
         train_changes, config_changes = split_point(point, probe.config)
         runs.append((base.updated(**train_changes), dataclasses.replace(probe.config, **config_changes)))
+    one_by_one = probe.in_loop or (memo is not None and not type(probe).trains_together)
     groups: dict[str, list[int]] = {}
     for index, (_, config) in enumerate(runs):
-        groups.setdefault(f"{index}" if probe.in_loop else repr(config), []).append(index)
-    accuracies: dict[int, float] = {}
-    chosen: dict[int, dict[str, Any]] = {}
+        groups.setdefault(f"{index}" if one_by_one else repr(config), []).append(index)
+    outcomes: dict[int, dict[str, Any]] = {}
     for members in groups.values():
-        if progress:
-            _log.info("%s: grid pass on train, %d configuration%s together, ranked on val", probe.name,
-                      len(members), "s" * (len(members) > 1))
-        models = [build_method(probe.name, runs[i][1], probe.backbone_source(), probe.num_classes) for i in members]
-        val = data.get("val", models[0])
-        type(models[0]).fit_many(models, data.get("train", models[0]), [runs[i][0] for i in members], val=val,
-                                 progress=progress)
-        for index, model in zip(members, models):
-            accuracies[index] = evaluate(model, val, runs[index][0].device)
-            chosen[index] = {name: getattr(model.config, name) for name in type(probe).validation_choices}
+        for index in members:
+            saved = memo.load(points[index]) if memo is not None else None
+            if saved is not None:
+                outcomes[index] = saved
+        todo = [i for i in members if i not in outcomes]
+        for index, outcome in zip(todo, _fit_points(probe, data, [runs[i] for i in todo], progress) if todo else []):
+            outcomes[index] = outcome
+            if memo is not None:
+                memo.save(points[index], outcome)
     rows, best, best_acc = [], (base, probe.config), -1.0
     for index, point in enumerate(points):
-        rows.append({**point, **chosen[index], "val_accuracy": accuracies[index]})
+        accuracy, chosen = outcomes[index]["val_accuracy"], outcomes[index]["chosen"]
+        rows.append({**point, **chosen, "val_accuracy": accuracy})
         if progress:
-            _log.info("  %s %s val=%.4f", probe.name, {**point, **chosen[index]}, accuracies[index])
-        if accuracies[index] > best_acc:
-            best = (runs[index][0], dataclasses.replace(runs[index][1], **chosen[index]))
-            best_acc = accuracies[index]
-    return rows, best[0], best[1]
+            _log.info("  %s %s val=%.4f", probe.name, {**point, **chosen}, accuracy)
+        if accuracy > best_acc:
+            best = (runs[index][0], dataclasses.replace(runs[index][1], **chosen))
+            best_acc = accuracy
+    return rows, [outcomes[i] for i in range(len(points))], best[0], best[1]
+
+
+def _fit_points(probe: Method, data: _SplitCache, runs: Sequence[tuple[TrainConfig, Any]],
+                progress: bool) -> list[dict[str, Any]]:
+    """Fit ``runs`` (train and method configs) together on train and score each on val; returns
+    each one's outcome: ``val_accuracy``, ``chosen`` (its :attr:`Method.validation_choices`),
+    and its share of the wall ``seconds`` and the pass's ``peak_memory_mb``."""
+    if progress:
+        _log.info("%s: grid pass on train, %d configuration%s together, ranked on val", probe.name,
+                  len(runs), "s" * (len(runs) > 1))
+    with Measure(runs[0][0].device) as measured:
+        models = [build_method(probe.name, config, probe.backbone_source(), probe.num_classes) for _, config in runs]
+        val = data.get("val", models[0])
+        type(models[0]).fit_many(models, data.get("train", models[0]), [cfg for cfg, _ in runs], val=val,
+                                 progress=progress)
+        accuracies = [evaluate(model, val, cfg.device) for model, (cfg, _) in zip(models, runs)]
+    return [{"val_accuracy": accuracy,
+             "chosen": {name: getattr(model.config, name) for name in type(probe).validation_choices},
+             "seconds": measured.seconds / len(runs), "peak_memory_mb": measured.peak_mb}
+            for model, accuracy in zip(models, accuracies)]

@@ -190,6 +190,38 @@ def test_killed_bench_resumes_without_recomputing(bench_task, tmp_path, uninterr
     assert results_only(json.loads((out / "report.json").read_text())) == results_only(whole)
 
 
+def test_a_search_fitted_point_by_point_resumes_from_its_last_saved_point(bench_task, tmp_path, monkeypatch):
+    """LAST fits its grid points one by one: each is saved under <out>/parts/ as it finishes, a search
+    interrupted in its second point retrains only that point when run again, the parts go once the
+    search cell is saved, and the report equals that of the points trained together in lockstep."""
+    import frozenlens.protocol as protocol
+    from frozenlens.methods.mist import LAST
+
+    real, fitted = protocol._fit_points, []
+
+    def fit_points(probe, data, runs, progress):
+        if len(fitted) == fail_at:
+            raise KeyboardInterrupt
+        fitted.append([cfg.lr for cfg, _ in runs])
+        return real(probe, data, runs, progress)
+
+    monkeypatch.setattr(protocol, "_fit_points", fit_points)
+    out, fail_at = tmp_path / "resumed", 1
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny(bench_task, out, ["last"], epochs=1))
+    parts = list((out / "parts").rglob("*.json"))
+    assert fitted == [[0.01]] and len(parts) == 1 and not list((out / "cells").rglob("search*.json"))
+    fail_at = None
+    resumed = run_bench(tiny(bench_task, out, ["last"], epochs=1))
+    assert fitted == [[0.01], [0.001]]                       # the saved point was not trained again
+    assert len(list((out / "cells").rglob("search*.json"))) == 1 and not (out / "parts").exists()
+
+    monkeypatch.setattr(LAST, "trains_together", True)     # both points in one lockstep pass
+    together = run_bench(tiny(bench_task, tmp_path / "together", ["last"], epochs=1))
+    assert fitted[-1] == [0.01, 0.001]
+    assert results_only(resumed.entries) == results_only(together.entries)
+
+
 def test_finished_cells_start_the_progress_bar(bench_task, uninterrupted, tmp_path, monkeypatch, caplog):
     """Rerunning a finished bench computes nothing, and every saved cell, final runs included, starts the
     overall bar, so its ETA counts only cells still to compute."""

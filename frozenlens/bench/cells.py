@@ -14,6 +14,12 @@ holding the cell, its key (a hash of everything its result depends on) and the
 result. A rerun skips every cell whose file holds the same key, so an interrupted
 bench resumes without recomputing anything finished; a cell whose inputs changed
 (other epochs, data, backbone) is computed again and its file replaced.
+
+A ``search`` cell of a method that fits its grid points one by one anyway (MIST, LAST:
+:attr:`~frozenlens.methods.Method.trains_together` false) also saves each point as it
+finishes, under ``<out>/parts/`` with the cell's key (:class:`PointFiles`): a search
+interrupted after hours loses at most the point in progress. The parts are removed
+once the cell itself is saved.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +77,7 @@ class Cell:
 
     def describe(self) -> str:
         """One line for progress displays: task, view, method, stage and point or seeds."""
-        what = {"search": "every grid point together", "grid": _point_text(self.point),
+        what = {"search": "the whole grid", "grid": _point_text(self.point),
                 "final": f"seed {','.join(map(str, self.seeds))} with {_point_text(self.point)}"}[self.stage]
         view = "" if self.shots is None else f" {self.view}"
         return f"{self.task}{view} {self.method} {self.stage} {what}"
@@ -145,7 +152,59 @@ class Ledger:
         return json.loads(json.dumps(result))
 
     def save(self, cell: Cell, key: str, result: dict[str, Any]) -> Path:
-        """Save a finished cell atomically; returns its file."""
+        """Save a finished cell atomically, then drop its saved grid points; returns its file."""
         path = self.path(cell)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_json(path, {"cell": cell.to_dict(), "key": key, "result": result})
+        write_json(path, {"cell": cell.to_dict(), "key": key, "result": result})
+        self.points(cell, key).clear()
+        return path
+
+    def points(self, cell: Cell, key: str) -> "PointFiles":
+        """The grid points of ``cell`` (a ``search``) saved so far with ``key``."""
+        parts = self.root.parent / "parts"
+        return PointFiles(parts, parts / _slug(cell.task) / cell.label / cell.view / Path(cell.file_name()).stem, key)
+
+
+class PointFiles:
+    """The finished grid points of one search cell, a JSON file each holding the cell's key
+    (a :class:`~frozenlens.protocol.PointMemo`: a point saved with another key is not finished),
+    in ``folder`` under ``root`` (``<out>/parts``)."""
+
+    def __init__(self, root: Path, folder: Path, key: str):
+        self.root, self.folder, self.key = Path(root), Path(folder), key
+
+    def _path(self, point: dict[str, Any]) -> Path:
+        pairs = tuple(sorted(point.items()))
+        digest = hashlib.sha1(json.dumps(pairs, default=str).encode()).hexdigest()[:6]
+        return self.folder / f"{_slug(_point_text(pairs))}-{digest}.json"
+
+    def load(self, point: dict[str, Any]) -> dict[str, Any] | None:
+        """The saved outcome of ``point``, or None (not saved, another key, or unreadable)."""
+        path = self._path(point)
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            _log.warning("%s: unreadable (%s); the grid point will be trained again", path, err)
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key or not isinstance(saved.get("outcome"), dict):
+            return None
+        _log.info("grid point %s already finished in %s", _point_text(tuple(sorted(point.items()))), self.folder)
+        return saved["outcome"]
+
+    def save(self, point: dict[str, Any], outcome: dict[str, Any]) -> None:
+        """Save ``point``'s outcome atomically."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self._path(point), {"point": sorted(point.items()), "key": self.key, "outcome": outcome})
+
+    def clear(self) -> None:
+        """Remove every saved point (their cell is saved), and the folders left empty."""
+        if self.folder.is_dir():
+            shutil.rmtree(self.folder)
+        for parent in self.folder.parents:
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+            if parent == self.root:
+                break

@@ -18,7 +18,7 @@ import torch
 
 from frozenlens.api import MethodSpec
 from frozenlens.backbones import FrozenBackbone, Tap, load_backbone
-from frozenlens.bench.cells import Cell
+from frozenlens.bench.cells import Cell, Ledger, cell_key
 from frozenlens.bench.config import BenchConfig
 from frozenlens.bench.flops import backbone_flops_per_image, flops_per_image
 from frozenlens.bench.views import fewshot_view, selection_view, split_signature
@@ -132,8 +132,9 @@ class Workspace:
         store = None if in_loop else self.store(cell.task)
         with Measure(self.config.device) as whole:
             if cell.stage == "search":
+                memo = Ledger(Path(self.config.out)).points(cell, cell_key(cell, self.material(cell)))
                 found = search_grid(spec.name, config, store, view, self.backbone, train_config=cfg,
-                                    grid=grid_of(spec, self.config, view), progress=progress)
+                                    grid=grid_of(spec, self.config, view), progress=progress, memo=memo)
             else:
                 train_changes, config_changes = split_point(cell.point_dict, config)
                 point_view = selection_view(view) if cell.stage == "grid" else view

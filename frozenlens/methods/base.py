@@ -61,6 +61,13 @@ class Method(nn.Module):
     ``"text"`` (a :class:`~frozenlens.backbones.text.TextBackbone`, whose taps come with a padding
     mask under :data:`~frozenlens.backbones.text.MASK_KEY`). :func:`build_method` refuses the others."""
 
+    trains_together: ClassVar[bool] = False
+    """True when :meth:`fit_many` trains several configurations in one pass over the stored taps
+    (stacked, or in lockstep sharing each minibatch) and that pass is much faster than fitting
+    them one at a time. A grid search then trains its points together; otherwise it fits them
+    one by one and can save each as it finishes (:func:`frozenlens.protocol.search_grid`'s
+    ``memo``), so an interrupted search loses at most one point."""
+
     needs_backbone_modules: ClassVar[bool] = False
     """True for store-trained methods that also run some of the backbone's own modules
     (VQT passes its queries through every frozen block): they train only where the

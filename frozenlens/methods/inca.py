@@ -325,6 +325,7 @@ class ParallelAdapters(Method):
 
     modalities = ("image", "text")
     config_class = ParallelAdapterConfig
+    trains_together = True
     train_defaults = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=50,
                                  warmup_epochs=5, batch_size=64)
     grid = INCA_GRID

@@ -28,6 +28,7 @@ class LinearHeadMethod(Method):
     train_defaults = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=100,
                                  warmup_epochs=10, batch_size=128)
     grid = LINEAR_GRID
+    trains_together = True
 
     def __init__(self, config: Any, backbone: dict[str, Any], num_classes: int):
         super().__init__(config, backbone, num_classes)

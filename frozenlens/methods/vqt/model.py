@@ -115,6 +115,7 @@ class VQT(Method):
     config_class = VQTConfig
     modalities = ("image", "text")
     needs_backbone_modules = True
+    trains_together = True
     summary = ("query-only tokens summarise every block (activations untouched); linear head on "
                "final CLS + summaries")
     train_defaults = TrainConfig(optimizer="adam", lr=0.05, weight_decay=1e-4, epochs=100,
