@@ -239,6 +239,32 @@ def test_finished_cells_start_the_progress_bar(bench_task, uninterrupted, tmp_pa
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")} == cells
 
 
+def test_report_only_reports_what_is_saved_and_computes_nothing(bench_task, uninterrupted, tmp_path, monkeypatch):
+    """--report-only on a finished linear + BitFit bench widened to a second task and to LAST: nothing
+    trains and no cell is written, the saved entries come out unchanged, the pairs not run are listed,
+    and a method missing a task gets no mean over tasks."""
+    from frozenlens.bench.workspace import Workspace
+
+    out = tmp_path / "partial"
+    shutil.copytree(uninterrupted[1], out)
+    cells = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")}
+    other = tmp_path / "shapes"
+    other.mkdir()
+    make_vtab_task(other, {"train": 6, "val": 3, "test": 4})
+    monkeypatch.setattr(Workspace, "execute", lambda *args, **kwargs: pytest.fail("--report-only trained a cell"))
+    config = BenchConfig([bench_task, other], ["linear", "bitfit", "last"], out, backbone=TINY_BACKBONE, img_size=32,
+                         epochs=2, progress=False, report_only=True, **RESUMED)
+    report = run_bench(config)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")} == cells
+    assert results_only(report.entries) == results_only(uninterrupted[0].entries)
+    assert report.context["unfinished"] == ["colours last", "shapes linear", "shapes bitfit", "shapes last"]
+    assert [r["method"] for r in report.rows] == ["linear", "bitfit"]
+    assert all(list(r["tasks"]) == ["colours"] and r["group_mean"] is None for r in report.rows)
+    markdown = (out / "report.md").read_text()
+    assert "**Unfinished**" in markdown and "| not run | — |" in markdown
+    assert ",,," in (out / "report.csv").read_text().splitlines()[1]      # shapes mean, std and the mean: empty
+
+
 def test_ray_engine_matches_the_local_engine(bench_task, tmp_path, uninterrupted, monkeypatch):
     """The same bench on a local Ray cluster (2 CPUs): a Ray Data pipeline fills a store byte-identical
     to the local extraction's (same key), cells run as Ray tasks, and the report equals the local one."""

@@ -53,6 +53,8 @@ class BenchConfig:
         ray_address: Ray cluster to join (None: start a local one, or join ``RAY_ADDRESS``).
         ray_num_cpus: CPUs of a Ray cluster started here (None: Ray's default, all of them).
         plots: write PNG plots (needs matplotlib, the ``[plots]`` extra).
+        report_only: compute nothing; write the report from the cells already saved in ``out``
+            (a task view x method whose cells are not all saved is listed as unfinished).
         progress: the overall progress bar and per-cell messages.
     """
 
@@ -75,6 +77,7 @@ class BenchConfig:
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     plots: bool = True
+    report_only: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form context recorded in the report (e.g. ``{"recipe": "shortened"}``)."""

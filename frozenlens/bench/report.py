@@ -98,9 +98,17 @@ def _entry(group: Any, results: dict["Cell", dict[str, Any]]) -> dict[str, Any]:
             **({"choices": [c for f in finals for c in f["choices"]]} if "choices" in final else {})}
 
 
+def finished(group: Any, results: dict["Cell", dict[str, Any]]) -> bool:
+    """Whether every cell of ``group`` (its grid, then the finals of the point it selected) is in ``results``."""
+    if any(c not in results for c in group.grid_cells):
+        return False
+    return all(c in results for c in group.finals(select_point([(c, results[c]) for c in group.grid_cells])))
+
+
 def aggregate(config: BenchConfig, groups: list[Any], results: dict["Cell", dict[str, Any]],
               backbone: Any) -> BenchReport:
-    """The report of a bench whose cells are all in ``results``."""
+    """The report of the groups whose cells are all in ``results``; the others are listed under
+    ``context["unfinished"]``, and a method missing a task gets no mean over tasks."""
     tasks = list(dict.fromkeys(g.task for g in groups))
     context = {
         "protocol": config.protocol,
@@ -119,9 +127,13 @@ def aggregate(config: BenchConfig, groups: list[Any], results: dict["Cell", dict
         "engine": config.engine,
         **({"extra": config.extra} if config.extra else {}),
     }
+    done = [g for g in groups if finished(g, results)]
+    if len(done) < len(groups):
+        context["unfinished"] = [f"{g.task}{'' if g.shots is None else f' {g.shots}-shot draw {g.draw}'} "
+                                 f"{g.spec.text}" for g in groups if g not in done]
     report = BenchReport(context)
-    report.entries = [_entry(g, results) for g in groups]
-    methods = list(dict.fromkeys(g.spec.text for g in groups))
+    report.entries = [_entry(g, results) for g in done]
+    methods = list(dict.fromkeys(g.spec.text for g in done))
     for method in methods:
         mine = [e for e in report.entries if e["method"] == method]
         row: dict[str, Any] = {"method": method, "label": mine[0]["label"], "in_loop": mine[0]["in_loop"],
@@ -132,7 +144,7 @@ def aggregate(config: BenchConfig, groups: list[Any], results: dict["Cell", dict
                 row["tasks"][e["task"]] = {"mean": e["test_accuracy_mean"], "std": e["test_accuracy_std"],
                                            "runs": len(e["test_accuracies"])}
             means = [v["mean"] for v in row["tasks"].values() if v["mean"] is not None]
-            row["group_mean"] = statistics.fmean(means) if means else None
+            row["group_mean"] = statistics.fmean(means) if means and len(row["tasks"]) == len(tasks) else None
         else:
             row["shots"] = {}
             for k in config.shots:
@@ -169,7 +181,9 @@ def selected_point(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: selected["train_config"].get(k, selected["config"].get(k)) for k in grid_keys}
 
 
-def _pm(cell: dict[str, Any]) -> str:
+def _pm(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "not run"
     if cell["mean"] is None:
         return "n/a"
     return f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}" if cell["runs"] > 1 else f"{100 * cell['mean']:.2f}"
@@ -190,7 +204,7 @@ def table(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     ctx = report.context
     if ctx["protocol"] == "vtab":
         header = ["method", *ctx["tasks"], "mean"]
-        body = [[r["method"], *(_pm(r["tasks"][t]) for t in ctx["tasks"]), _pct(r["group_mean"])]
+        body = [[r["method"], *(_pm(r["tasks"].get(t)) for t in ctx["tasks"]), _pct(r["group_mean"])]
                 for r in report.rows]
     else:
         header = ["method", *(f"{k}-shot" for k in ctx["shots"])]
@@ -206,8 +220,11 @@ def markdown(report: BenchReport) -> str:
     ctx = report.context
     header, body = table(report)
     lines = [f"# frozenlens bench ({ctx['protocol']})", ""]
-    lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("selection_rule", "tasks")]
+    lines += [f"- {k}: {v}" for k, v in ctx.items() if k not in ("selection_rule", "tasks", "unfinished")]
     lines += ["", f"**Selection rule.** {ctx['selection_rule']}.", ""]
+    if ctx.get("unfinished"):
+        lines += [f"**Unfinished** (cells not all saved; 'not run' below, and no mean for a method missing a "
+                  f"task; run the bench without --report-only to compute them): {'; '.join(ctx['unfinished'])}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     lines += ["", ("Test accuracy in %, mean ± std over seeds (few-shot: per task over draws, then the mean over "
@@ -280,7 +297,8 @@ def csv_text(report: BenchReport) -> str:
         line: list[Any] = [r["method"]]
         if ctx["protocol"] == "vtab":
             for t in ctx["tasks"]:
-                line += [r["tasks"][t]["mean"], r["tasks"][t]["std"]]
+                cell = r["tasks"].get(t) or {}
+                line += [cell.get("mean"), cell.get("std")]
             line.append(r["group_mean"])
         else:
             for k in ctx["shots"]:

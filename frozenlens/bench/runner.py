@@ -119,7 +119,8 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
 
     Every finished cell is saved at once under ``<out>/cells/``; running the same bench
     again computes only the cells not yet saved with the same inputs, then rewrites the
-    report from all of them.
+    report from all of them. With ``config.report_only`` it computes nothing and writes
+    the report from the cells already saved.
 
     Returns:
         The report (also written to ``<out>/report.{md,csv,json}`` and plots).
@@ -165,8 +166,12 @@ def run_bench(config: BenchConfig, *, backbone: FrozenBackbone | None = None) ->
     saved = len(first) - len(todo) + finals_saved
     if saved:
         _log.info("%d cell(s) already finished in %s; they are not recomputed", saved, ledger.root)
-    engine = _engine(config, ws)
     started = time.perf_counter()
+    if config.report_only:
+        report = aggregate(config, groups, results, net)
+        write_report(out, report, plots=config.plots)
+        return report
+    engine = _engine(config, ws)
     # Finished cells start the bar, so its ETA counts only the cells still to compute.
     bar = tqdm(total=total, initial=saved, desc="bench", unit="cell",
                disable=not config.progress, dynamic_ncols=True)

@@ -21,10 +21,12 @@ once. Few-shot: 1, 2, 4, 8, 16 images per class drawn from the training split
 selected on the test split.
 
 Methods that train from stored activations share one backbone pass per task,
-and their grid points and seeds train together in one pass over the store.
+and their grid points and seeds train together in one pass over the store
+(MIST and LAST fit grid points one at a time and save each under <out>/parts/).
 Every finished cell (task, method, stage or grid point, seed) is saved in
 <out>/cells/ as it finishes: run the same command again after an interruption
-and only the missing cells are computed."""
+and only the missing cells are computed. --report-only writes the report of
+what is saved so far."""
 
 _EPILOG = """\
 examples:
@@ -34,6 +36,7 @@ examples:
   frozenlens bench --tasks mydata/ --methods linear,head2toe --protocol fewshot --shots 1,4,16
   frozenlens bench --tasks ../shared/data/cifar10 --methods linear,lora --engine ray --ray-cpus 2
   frozenlens bench --tasks ../shared/data/aid --methods linear --grid lr=0.01+0.001,weight_decay=0 --seeds 1
+  frozenlens bench --tasks ../shared/data/cifar10 ../shared/data/aid --methods linear,mist --report-only
 
 methods: comma-separated specs as in `frozenlens fit --method`; settings of one
 method stay with it (head2toe:keep_fraction=0.2,group_lasso=1e-3,linear is
@@ -74,6 +77,10 @@ def add_parsers(sub: Any) -> None:
                         help="image-decoding processes during local extraction (default: the cores the backbone "
                              "leaves free, at most 4: none on a 2-core CPU, one per core with --device cuda)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--report-only", action="store_true",
+                        help="compute nothing: write the report from the cells already saved in --out (a long "
+                             "bench's results so far, or methods run task by task into one folder); unfinished "
+                             "task x method pairs are listed, and a method missing a task gets no mean")
     add_backbone_args(parser, text=True)
     parser.set_defaults(run=run_bench_command)
 
@@ -149,7 +156,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                          img_size=args.img_size, device=args.device, seeds=args.seeds, protocol=args.protocol,
                          shots=args.shots, epochs=args.epochs, grid=args.grid, store_dtype=args.store_dtype,
                          engine=args.engine, batch_size=args.batch_size, workers=args.workers,
-                         ray_address=args.ray_address, ray_num_cpus=args.ray_cpus, plots=not args.no_plots)
+                         ray_address=args.ray_address, ray_num_cpus=args.ray_cpus, plots=not args.no_plots,
+                         report_only=args.report_only)
     with logging_redirect_tqdm():
         report = run_bench(config)
     header, body = table(report)
@@ -158,5 +166,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print("|" + "---|" * len(header))
     for line in body:
         print("| " + " | ".join(line) + " |")
+    if report.context.get("unfinished"):
+        print(f"\nunfinished: {'; '.join(report.context['unfinished'])}")
     print(f"\nreport.md / report.csv / report.json and plots in {args.out}/; finished cells in {args.out}/cells/")
     return 0
