@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -551,6 +552,8 @@ def full_run_section(run: FullRun, report: BenchReport) -> list[str]:
     return [f"## {run.title}, {task_list(report)}", "", run.why, "",
             recipe(report, run.recipe), "", f"Command: `{run.command}`.", "",
             f"**Selection rule.** {report.context['selection_rule']}.", "", *markdown_table(report), "",
+            *([f"Not run yet ('not run' above; a method missing a task has no mean): "
+               f"{'; '.join(report.context['unfinished'])}.", ""] if report.context.get("unfinished") else []),
             selections(report), "", plots_and_report(run.folder), ""]
 
 
@@ -590,22 +593,37 @@ def selections(report: BenchReport) -> str:
     return "Chosen on val200: " + "; ".join(parts) + "." if parts else ""
 
 
-def full_store_verdict(claim: tuple, report: BenchReport) -> str:
-    """The claim's verdict on a 224-px full-recipe run, with both means ("—" where it lacks either method)."""
+def shared_tasks(report: BenchReport, methods: Sequence[str]) -> BenchReport:
+    """``report`` cut to ``methods``' rows and the tasks all of them ran, each mean over tasks recomputed on
+    those (a method run task by task may not have reached every task yet)."""
+    rows = [r for r in report.rows if r["method"] in methods]
+    tasks = [t for t in report.context["tasks"] if all(t in r["tasks"] for r in rows)]
+    cut = []
+    for r in rows:
+        kept = {t: r["tasks"][t] for t in tasks}
+        cut.append({**r, "tasks": kept, "group_mean": statistics.fmean(v["mean"] for v in kept.values())
+                    if tasks else None})
+    return BenchReport({**report.context, "tasks": tasks}, report.entries, cut)
+
+
+def full_store_verdict(claim: tuple, report: BenchReport) -> tuple[str, str]:
+    """The claim's verdict on a 224-px full-recipe run, with both means over the tasks both methods ran,
+    and those tasks; ("—", "") where the run lacks either method."""
     better, worse = claim[2]
-    means = {r["method"]: 100 * r["group_mean"] for r in report.rows}
-    if claim[3] != "store" or better not in means or worse not in means:
-        return "—"
-    return f"{better} {means[better]:.2f} vs {worse} {means[worse]:.2f}: {verdict(claim, {'store': report})[1]}"
+    cut = shared_tasks(report, (better, worse))
+    if claim[3] != "store" or len(cut.rows) < 2 or not cut.context["tasks"]:
+        return "—", ""
+    means = {r["method"]: 100 * r["group_mean"] for r in cut.rows}
+    text = f"{better} {means[better]:.2f} vs {worse} {means[worse]:.2f}: {verdict(claim, {'store': cut})[1]}"
+    return text, task_list(cut)
 
 
 def full_runs_verdict(claim: tuple, reports: Sequence[BenchReport]) -> str:
-    """The claim's verdict on the first full-recipe run that has both its methods, naming that run's tasks
-    when they are not the first run's."""
+    """The claim's verdict on the first full-recipe run that has both its methods, naming the tasks it
+    compares when they are not all of the first run's."""
     for report in reports:
-        text = full_store_verdict(claim, report)
+        text, tasks = full_store_verdict(claim, report)
         if text != "—":
-            tasks = task_list(report)
             return text if tasks == task_list(reports[0]) else f"on {tasks} only: {text}"
     return "—"
 

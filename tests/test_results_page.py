@@ -37,8 +37,9 @@ def test_a_claim_holds_only_when_the_better_method_is_ahead():
 
 def test_the_224_px_column_covers_only_the_store_claims_it_ran():
     report = _report({"vqt": {"cifar10": 0.6477}, "head2toe": {"cifar10": 0.6533}, "lora": {"cifar10": 0.7}})
-    assert full_store_verdict(VQT_OVER_HEAD2TOE, report).startswith("vqt 64.77 vs head2toe 65.33: **does not hold**")
-    assert full_store_verdict(TOAST_OVER_LORA, report) == "—"
+    text, tasks = full_store_verdict(VQT_OVER_HEAD2TOE, report)
+    assert text.startswith("vqt 64.77 vs head2toe 65.33: **does not hold**") and tasks == "cifar10"
+    assert full_store_verdict(TOAST_OVER_LORA, report) == ("—", "")
 
 
 def test_a_224_px_verdict_from_a_run_on_fewer_tasks_names_them():
@@ -47,6 +48,20 @@ def test_a_224_px_verdict_from_a_run_on_fewer_tasks_names_them():
     assert full_runs_verdict(MIST_OVER_LINEAR, [main, side]).startswith("on cifar10 only: mist 66.00 vs linear 63.00")
     assert full_runs_verdict(VQT_OVER_HEAD2TOE, [main, side]) == "—"
     assert "only" not in full_runs_verdict(next(c for c in CLAIMS if c[2] == ("vqt", "linear")), [main, side])
+
+
+def test_a_method_run_on_some_tasks_is_compared_on_those_only():
+    """A run where LAST has reached one task of two: its claims compare means over that task alone, while
+    claims between methods that ran both tasks keep both."""
+    side = _report({"mist": {"aid": 0.83, "cifar10": 0.63}, "linear": {"aid": 0.78, "cifar10": 0.64},
+                    "last": {"aid": 0.80}})
+    last = next(r for r in side.rows if r["method"] == "last")
+    last["group_mean"] = None                                   # as the bench writes a row missing a task
+    mist_over_last = next(c for c in CLAIMS if c[2] == ("mist", "last"))
+    assert full_runs_verdict(mist_over_last, [side]) == (
+        "on aid only: mist 83.00 vs last 80.00: **holds** (+3.00 points; better on 1 of 1 tasks)")
+    assert full_runs_verdict(MIST_OVER_LINEAR, [side]) == (
+        "mist 73.00 vs linear 71.00: **holds** (+2.00 points; better on 1 of 2 tasks)")
 
 
 def test_a_choice_at_the_edge_of_its_grid_is_flagged():
