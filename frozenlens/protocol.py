@@ -344,8 +344,8 @@ def _fit_points(probe: Method, data: _SplitCache, runs: Sequence[tuple[TrainConf
     each one's outcome: ``val_accuracy``, ``chosen`` (its :attr:`Method.validation_choices`),
     and its share of the wall ``seconds`` and the pass's ``peak_memory_mb``."""
     if progress:
-        _log.info("%s: grid pass on train, %d configuration%s together, ranked on val", probe.name,
-                  len(runs), "s" * (len(runs) > 1))
+        _log.info("%s: grid pass on train, %s, ranked on val", probe.name,
+                  f"{len(runs)} configurations together" if len(runs) > 1 else "one configuration")
     with Measure(runs[0][0].device) as measured:
         models = [build_method(probe.name, config, probe.backbone_source(), probe.num_classes) for _, config in runs]
         val = data.get("val", models[0])
