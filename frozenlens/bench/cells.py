@@ -117,6 +117,22 @@ def cell_key(cell: Cell, material: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def read_keyed(path: Path, key: str, field: str, otherwise: str) -> dict[str, Any] | None:
+    """``field`` of the JSON file at ``path`` when the file holds the same ``key``, else None. A file that
+    cannot be read or parsed (it cannot be half-written: writes are atomic, but it may have been edited)
+    is logged with ``otherwise`` (what happens instead) and treated as missing."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        _log.warning("%s: unreadable (%s); %s", path, err, otherwise)
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get(field), dict):
+        return None
+    return saved[field]
+
+
 class Ledger:
     """The finished cells of a bench under ``<out>/cells/``."""
 
@@ -133,17 +149,7 @@ class Ledger:
         A file that cannot be read or parsed (it cannot be half-written: writes are atomic,
         but it may have been edited) is logged and treated as not finished.
         """
-        path = self.path(cell)
-        if not path.is_file():
-            return None
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            _log.warning("%s: unreadable (%s); the cell will be computed again", path, err)
-            return None
-        if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("result"), dict):
-            return None
-        return saved["result"]
+        return read_keyed(self.path(cell), key, "result", "the cell will be computed again")
 
     @staticmethod
     def as_saved(result: dict[str, Any]) -> dict[str, Any]:
@@ -180,18 +186,10 @@ class PointFiles:
 
     def load(self, point: dict[str, Any]) -> dict[str, Any] | None:
         """The saved outcome of ``point``, or None (not saved, another key, or unreadable)."""
-        path = self._path(point)
-        if not path.is_file():
-            return None
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            _log.warning("%s: unreadable (%s); the grid point will be trained again", path, err)
-            return None
-        if not isinstance(saved, dict) or saved.get("key") != self.key or not isinstance(saved.get("outcome"), dict):
-            return None
-        _log.info("grid point %s already finished in %s", _point_text(tuple(sorted(point.items()))), self.folder)
-        return saved["outcome"]
+        outcome = read_keyed(self._path(point), self.key, "outcome", "the grid point will be trained again")
+        if outcome is not None:
+            _log.info("grid point %s already finished in %s", _point_text(tuple(sorted(point.items()))), self.folder)
+        return outcome
 
     def save(self, point: dict[str, Any], outcome: dict[str, Any]) -> None:
         """Save ``point``'s outcome atomically."""
