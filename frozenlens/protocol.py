@@ -151,6 +151,7 @@ def run_protocol(
     train_config: TrainConfig,
     grid: dict[str, list[Any]] | None = None,
     seeds: Sequence[int] = (0,),
+    order_seed: int | None = None,
     progress: bool = False,
     stream: bool = False,
 ) -> MethodResult:
@@ -163,6 +164,11 @@ def run_protocol(
     together. During the search, ``fit`` also receives the val split, for
     methods that select something on validation data. ``stream`` leaves stored taps
     on disk and reads each minibatch from the store (memory: one batch, not the split).
+
+    The final runs of a store method share one minibatch order, seeded by ``order_seed``
+    (default: the first seed), so its seeds can train together in lockstep; a caller that
+    trains them one call per seed passes the same ``order_seed`` to every call and gets the
+    models lockstep would give. In-loop methods draw each seed's own order.
     """
     probe = build_method(method, config, backbone, len(task.classes))
     result = MethodResult(method, probe.config, train_config)
@@ -170,7 +176,7 @@ def run_protocol(
     if grid:
         found = _tune(probe, data, train_config, grid, progress)
         result.grid, result.train_config, result.config = found.rows, found.train_config, found.config
-    shared_order = None if probe.in_loop else seeds[0]   # seeds trained together share one minibatch order
+    shared_order = None if probe.in_loop else (seeds[0] if order_seed is None else order_seed)
     cfgs = [result.train_config.updated(seed=seed, order_seed=shared_order) for seed in seeds]
     for group in ([[c] for c in cfgs] if probe.in_loop else [cfgs]):
         if progress:

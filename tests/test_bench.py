@@ -222,6 +222,41 @@ def test_a_search_fitted_point_by_point_resumes_from_its_last_saved_point(bench_
     assert results_only(resumed.entries) == results_only(together.entries)
 
 
+def test_a_final_cell_trained_seed_by_seed_resumes_from_its_last_saved_seed(bench_task, tmp_path, monkeypatch):
+    """LAST's final cell trains its seeds one after the other, each saved under <out>/parts/ as soon as
+    it is tested: a final cell interrupted in its second seed trains only that seed when run again, the
+    parts go once the cell is saved, and the report equals that of both seeds trained in lockstep."""
+    from frozenlens.bench.workspace import Workspace
+    from frozenlens.methods.mist import LAST
+
+    real, computed = Workspace._compute, []
+
+    def compute(self, cell, progress, order_seed=None):
+        if cell.stage == "final":
+            if len(computed) == fail_at:
+                raise KeyboardInterrupt
+            computed.append(cell.seeds)
+        return real(self, cell, progress, order_seed)
+
+    monkeypatch.setattr(Workspace, "_compute", compute)
+    out, fail_at, settings = tmp_path / "resumed", 1, {"epochs": 1, "seeds": 2, "grid": {"lr": [0.01]}}
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny(bench_task, out, ["last"], **settings))
+    parts = list((out / "parts").rglob("*.json"))
+    assert computed == [(0,)] and [p.name.split("-")[0] for p in parts] == ["seed=0"]
+    assert not list((out / "cells").rglob("final*.json"))
+    fail_at = None
+    resumed = run_bench(tiny(bench_task, out, ["last"], **settings))
+    assert computed == [(0,), (1,)]                           # the saved seed was not trained again
+    assert len(list((out / "cells").rglob("final*.json"))) == 1 and not (out / "parts").exists()
+    assert len(resumed.entries[0]["test_accuracies"]) == 2
+
+    monkeypatch.setattr(LAST, "trains_together", True)      # both seeds in one lockstep pass
+    together = run_bench(tiny(bench_task, tmp_path / "together", ["last"], **settings))
+    assert computed[-1] == (0, 1)
+    assert results_only(resumed.entries) == results_only(together.entries)
+
+
 def test_finished_cells_start_the_progress_bar(bench_task, uninterrupted, tmp_path, monkeypatch, caplog):
     """Rerunning a finished bench computes nothing, and every saved cell, final runs included, starts the
     overall bar, so its ETA counts only cells still to compute."""

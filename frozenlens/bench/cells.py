@@ -7,7 +7,8 @@ A cell is one task view x one method x one stage:
 * ``grid``: one grid point of a method that runs the backbone in the loop (trained on
   train, scored on val; those train one point at a time anyway);
 * ``final``: the selected point retrained on train+val and tested once: every seed together
-  for a store method (one stacked pass), one seed per cell for an in-loop method.
+  for a store method (one stacked pass; seed after seed for MIST and LAST, which gain
+  nothing from lockstep), one seed per cell for an in-loop method.
 
 A finished cell is ``<out>/cells/<task>/<method label>/<view>/<stage>-<id>.json``
 holding the cell, its key (a hash of everything its result depends on) and the
@@ -15,11 +16,12 @@ result. A rerun skips every cell whose file holds the same key, so an interrupte
 bench resumes without recomputing anything finished; a cell whose inputs changed
 (other epochs, data, backbone) is computed again and its file replaced.
 
-A ``search`` cell of a method that fits its grid points one by one anyway (MIST, LAST:
-:attr:`~frozenlens.methods.Method.trains_together` false) also saves each point as it
-finishes, under ``<out>/parts/`` with the cell's key (:class:`PointFiles`): a search
-interrupted after hours loses at most the point in progress. The parts are removed
-once the cell itself is saved.
+A cell of a method that fits its configurations one by one anyway (MIST, LAST:
+:attr:`~frozenlens.methods.Method.trains_together` false) also saves each part as it
+finishes, under ``<out>/parts/`` with the cell's key (:class:`PartFiles`): each grid point
+of its ``search``, each seed of its ``final`` cell. A search or a final cell interrupted
+after hours loses at most the part in progress. The parts are removed once the cell
+itself is saved.
 """
 
 from __future__ import annotations
@@ -158,23 +160,24 @@ class Ledger:
         return json.loads(json.dumps(result))
 
     def save(self, cell: Cell, key: str, result: dict[str, Any]) -> Path:
-        """Save a finished cell atomically, then drop its saved grid points; returns its file."""
+        """Save a finished cell atomically, then drop its saved parts; returns its file."""
         path = self.path(cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"cell": cell.to_dict(), "key": key, "result": result})
-        self.points(cell, key).clear()
+        self.parts(cell, key).clear()
         return path
 
-    def points(self, cell: Cell, key: str) -> "PointFiles":
-        """The grid points of ``cell`` (a ``search``) saved so far with ``key``."""
+    def parts(self, cell: Cell, key: str) -> "PartFiles":
+        """The parts of ``cell`` (grid points of a ``search``, seeds of a ``final``) saved so far with ``key``."""
         parts = self.root.parent / "parts"
-        return PointFiles(parts, parts / _slug(cell.task) / cell.label / cell.view / Path(cell.file_name()).stem, key)
+        return PartFiles(parts, parts / _slug(cell.task) / cell.label / cell.view / Path(cell.file_name()).stem, key)
 
 
-class PointFiles:
-    """The finished grid points of one search cell, a JSON file each holding the cell's key
-    (a :class:`~frozenlens.protocol.PointMemo`: a point saved with another key is not finished),
-    in ``folder`` under ``root`` (``<out>/parts``)."""
+class PartFiles:
+    """The finished parts of one cell (grid points of a search, seeds of a final cell), a JSON
+    file each holding the cell's key (a :class:`~frozenlens.protocol.PointMemo`: a part saved
+    with another key is not finished), in ``folder`` under ``root`` (``<out>/parts``). A part
+    is named by a dict: its grid point, or ``{"seed": s}``."""
 
     def __init__(self, root: Path, folder: Path, key: str):
         self.root, self.folder, self.key = Path(root), Path(folder), key
@@ -185,19 +188,19 @@ class PointFiles:
         return self.folder / f"{_slug(_point_text(pairs))}-{digest}.json"
 
     def load(self, point: dict[str, Any]) -> dict[str, Any] | None:
-        """The saved outcome of ``point``, or None (not saved, another key, or unreadable)."""
-        outcome = read_keyed(self._path(point), self.key, "outcome", "the grid point will be trained again")
+        """The saved outcome of part ``point``, or None (not saved, another key, or unreadable)."""
+        outcome = read_keyed(self._path(point), self.key, "outcome", "that part will be trained again")
         if outcome is not None:
-            _log.info("grid point %s already finished in %s", _point_text(tuple(sorted(point.items()))), self.folder)
+            _log.info("%s already finished in %s", _point_text(tuple(sorted(point.items()))), self.folder)
         return outcome
 
     def save(self, point: dict[str, Any], outcome: dict[str, Any]) -> None:
-        """Save ``point``'s outcome atomically."""
+        """Save the outcome of part ``point`` atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self._path(point), {"point": sorted(point.items()), "key": self.key, "outcome": outcome})
 
     def clear(self) -> None:
-        """Remove every saved point (their cell is saved), and the folders left empty."""
+        """Remove every saved part (their cell is saved), and the folders left empty."""
         if self.folder.is_dir():
             shutil.rmtree(self.folder)
         for parent in self.folder.parents:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from frozenlens.api import MethodSpec
 from frozenlens.backbones import FrozenBackbone, Tap, load_backbone
-from frozenlens.bench.cells import Cell, Ledger, cell_key
+from frozenlens.bench.cells import Cell, Ledger, PartFiles, cell_key
 from frozenlens.bench.config import BenchConfig
 from frozenlens.bench.flops import backbone_flops_per_image, flops_per_image
 from frozenlens.bench.views import fewshot_view, selection_view, split_signature
@@ -124,6 +125,16 @@ class Workspace:
     # -- cells --------------------------------------------------------------------------
     def execute(self, cell: Cell, progress: bool = False) -> dict[str, Any]:
         """Compute ``cell``; returns its JSON-able result. ``progress`` shows its epoch bars."""
+        if cell.stage == "final" and seed_by_seed(get_method(MethodSpec.parse(cell.method).name)):
+            return self._final_by_seed(cell, progress)
+        return self._compute(cell, progress)
+
+    def _parts(self, cell: Cell) -> PartFiles:
+        """Where ``cell``'s finished parts are saved (see :mod:`frozenlens.bench.cells`)."""
+        return Ledger(Path(self.config.out)).parts(cell, cell_key(cell, self.material(cell)))
+
+    def _compute(self, cell: Cell, progress: bool, order_seed: int | None = None) -> dict[str, Any]:
+        """Compute ``cell`` in one go (``order_seed``: see :func:`~frozenlens.protocol.run_protocol`)."""
         spec = MethodSpec.parse(cell.method)
         view = self.view(cell)
         config = spec.config()
@@ -132,16 +143,15 @@ class Workspace:
         store = None if in_loop else self.store(cell.task)
         with Measure(self.config.device) as whole:
             if cell.stage == "search":
-                memo = Ledger(Path(self.config.out)).points(cell, cell_key(cell, self.material(cell)))
                 found = search_grid(spec.name, config, store, view, self.backbone, train_config=cfg,
-                                    grid=grid_of(spec, self.config, view), progress=progress, memo=memo)
+                                    grid=grid_of(spec, self.config, view), progress=progress, memo=self._parts(cell))
             else:
                 train_changes, config_changes = split_point(cell.point_dict, config)
                 point_view = selection_view(view) if cell.stage == "grid" else view
                 seeds = (cfg.seed,) if cell.stage == "grid" else cell.seeds
                 result = run_protocol(spec.name, dataclasses.replace(config, **config_changes), store, point_view,
                                       self.backbone, train_config=cfg.updated(**train_changes), seeds=seeds,
-                                      progress=progress)
+                                      order_seed=order_seed, progress=progress)
         if cell.stage == "search":
             return {"cell_seconds": whole.seconds, "cell_peak_memory_mb": whole.peak_mb, "grid": found.rows,
                     "point": sorted(found.point.items()), "train_seconds": found.seconds,
@@ -154,6 +164,20 @@ class Workspace:
             return out
         out.update(self._final_summary(cell, spec, view, result, store))
         return out
+
+    def _final_by_seed(self, cell: Cell, progress: bool) -> dict[str, Any]:
+        """A final cell trained seed after seed, each seed saved as a part the moment it is tested
+        (:func:`seed_by_seed`): every seed keeps the minibatch order the seeds share in lockstep,
+        so the merged result is the one a lockstep pass gives, and a rerun trains only the seeds
+        not yet saved."""
+        parts, saved = [], self._parts(cell)
+        for seed in cell.seeds:
+            part = saved.load({"seed": seed})
+            if part is None:
+                part = self._compute(dataclasses.replace(cell, seeds=(seed,)), progress, order_seed=cell.seeds[0])
+                saved.save({"seed": seed}, part)
+            parts.append(part)
+        return merge_seed_parts(parts)
 
     def _final_summary(self, cell: Cell, spec: MethodSpec, view: AnyTask, result: MethodResult,
                        store: ActivationStore | None) -> dict[str, Any]:
@@ -200,6 +224,33 @@ class Workspace:
                 self._extract_flops[spec.text] = backbone_flops_per_image(self.backbone, taps, FLOP_IMAGES, texts)
             out["extract_gflops_per_image"] = self._extract_flops[spec.text] / 1e9
         return out
+
+
+def seed_by_seed(method: type[Method]) -> bool:
+    """True when a final cell of ``method`` trains its seeds one after the other, saving each as
+    it finishes: a store method that fits one model at a time anyway
+    (:attr:`~frozenlens.methods.Method.trains_together` false: MIST, LAST). An in-loop method's
+    final cells hold one seed each already."""
+    return not method.in_loop and not method.trains_together
+
+
+def merge_seed_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One final cell's result from its seeds' results (:meth:`Workspace._final_by_seed`): seeds,
+    accuracies, losses and choices listed in seed order, times summed (the cell's) or averaged
+    (per seed), peaks the highest; what the first seed's model gives (FLOPs, parameters,
+    stored bytes, layers) as it gave it, as a lockstep cell reports its first model's."""
+    out = dict(parts[0])
+    for name in ("seeds", "test_accuracies", "train_losses"):
+        out[name] = [value for part in parts for value in part[name]]
+    choices = [choice for part in parts for choice in part.get("choices", [{}])]
+    out.pop("choices", None)
+    if any(choices):
+        out["choices"] = choices
+    out["cell_seconds"] = sum(part["cell_seconds"] for part in parts)
+    out["train_seconds"] = statistics.fmean(part["train_seconds"] for part in parts)
+    for name in ("cell_peak_memory_mb", "peak_memory_mb"):
+        out[name] = max(part[name] for part in parts)
+    return out
 
 
 def layer_analysis(model: Method, view: AnyTask, store: ActivationStore | None) -> dict[str, Any] | None:
