@@ -388,6 +388,25 @@ def test_pretune_then_fit_from_it_through_the_cli(tiny_task, tmp_path, capsys):
                if not k.startswith("head."))
 
 
+def test_pretuning_is_reproducible_on_one_machine(tiny_task, tmp_path, capsys):
+    """The same seed gives bit-identical modules (the results page relies on it); another seed does not."""
+    from safetensors.torch import load_file
+
+    from frozenlens.cli import main
+    from tests.conftest import TINY_BACKBONE
+
+    def pretune(name: str, seed: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        assert main(["pretune", "toast:batch_size=16", str(tiny_task), "--out", str(out), "--epochs", "1",
+                     "--seed", str(seed), "--backbone", TINY_BACKBONE, "--img-size", "32"]) == 0
+        return load_file(str(out / "adapter.safetensors"))
+
+    first, again, other = pretune("a", 0), pretune("b", 0), pretune("c", 1)
+    capsys.readouterr()
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_pretuned_modules_must_come_from_the_same_backbone(tiny_backbone, tmp_path):
     import json
 
