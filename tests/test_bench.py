@@ -7,6 +7,7 @@ busy 2-core machine two spinning threads made the same bench 5x slower. Results 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -23,8 +24,11 @@ from tqdm import tqdm
 from frozenlens.bench import BenchConfig, run_bench
 from frozenlens.bench.views import draw_shots, fewshot_view
 from frozenlens.cli.bench import split_methods
+from frozenlens.config_fields import added_setting, keyed_dict, keyed_repr
 from frozenlens.data import load_task
 from frozenlens.errors import FrozenlensError
+from frozenlens.methods import get_method, method_names
+from frozenlens.train.trainer import TrainConfig
 from tests.conftest import TINY_BACKBONE, make_vtab_task, skip_or_fail_in_ci
 
 MEASURED = {"cell_seconds", "cell_peak_memory_mb", "train_seconds", "peak_memory_mb", "train_seconds_per_seed",
@@ -272,6 +276,41 @@ def test_finished_cells_start_the_progress_bar(bench_task, uninterrupted, tmp_pa
     assert len(cells) == 2 + 2 + 2 and bars[0]["initial"] == bars[0]["total"] == len(cells)
     assert f"{len(cells)} cell(s) already finished" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")} == cells
+
+
+def test_a_setting_added_at_its_default_keeps_every_saved_cell(bench_task, uninterrupted, tmp_path, monkeypatch):
+    """A config field declared with ``added_setting`` leaves the cell keys as they were while it holds its
+    default: the finished bench resumes with nothing to compute. Any other value keys a new cell."""
+    from frozenlens.bench.workspace import Workspace
+
+    linear = get_method("linear")
+    grown = dataclasses.make_dataclass(linear.config_class.__qualname__, [("extra", int, added_setting(0))],
+                                       bases=(linear.config_class,))
+    monkeypatch.setattr(linear, "config_class", grown)
+    out = tmp_path / "grown"
+    shutil.copytree(uninterrupted[1], out)
+
+    class Recomputed(Exception):
+        pass
+
+    def refuse(self, cell, progress=False):
+        raise Recomputed(cell.method)
+
+    monkeypatch.setattr(Workspace, "execute", refuse)
+    report = run_bench(tiny(bench_task, out, ["linear", "bitfit"], **RESUMED))
+    assert results_only(report.entries) == results_only(uninterrupted[0].entries)
+    with pytest.raises(Recomputed, match="linear:extra=1"):
+        run_bench(tiny(bench_task, out, ["linear:extra=1"], **RESUMED))
+
+
+def test_a_config_without_added_settings_is_keyed_by_its_own_repr():
+    """Keys saved before ``added_setting`` existed hashed ``repr(config)`` and the training dict: the
+    keyed forms must equal them for every method's config and the training settings."""
+    for name in method_names():
+        config = get_method(name).config_class()
+        assert keyed_repr(config) == repr(config), name
+    train = TrainConfig(lr=0.5, order_seed=3)
+    assert keyed_dict(train) == train.to_dict()
 
 
 def test_report_only_reports_what_is_saved_and_computes_nothing(bench_task, uninterrupted, tmp_path, monkeypatch):

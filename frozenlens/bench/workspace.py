@@ -23,6 +23,7 @@ from frozenlens.bench.cells import Cell, Ledger, PartFiles, cell_key
 from frozenlens.bench.config import BenchConfig
 from frozenlens.bench.flops import backbone_flops_per_image, flops_per_image
 from frozenlens.bench.views import fewshot_view, selection_view, split_signature
+from frozenlens.config_fields import keyed_dict, keyed_repr
 from frozenlens.data import AnyTask, TextTask, item_id, load_any_task
 from frozenlens.errors import FrozenlensError
 from frozenlens.methods import Method, config_to_dict, get_method
@@ -111,11 +112,11 @@ class Workspace:
         """Everything besides the cell itself that its result depends on (hashed into its key)."""
         spec = MethodSpec.parse(cell.method)
         view = self.view(cell)
-        cfg = train_config_of(spec, self.config).to_dict()
+        cfg = keyed_dict(train_config_of(spec, self.config))
         cfg.pop("device")
         c = self.config
         material = {"backbone": [c.backbone, c.arch, c.img_size], "store_dtype": c.store_dtype,
-                    "config": repr(spec.config()), "train": cfg, "grid": grid_of(spec, c, view),
+                    "config": keyed_repr(spec.config()), "train": cfg, "grid": grid_of(spec, c, view),
                     "splits": split_signature(view)}
         carried = get_method(spec.name).validation_choices
         if carried:  # a search's point carries these choices into the finals (older searches did not)
