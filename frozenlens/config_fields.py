@@ -23,7 +23,8 @@ ADDED_SETTING = "frozenlens_added_setting"
 def added_setting(default: Any) -> Any:
     """A dataclass field for a setting added later whose ``default`` keeps earlier results.
 
-    Example: ``head_init: str = added_setting("reference")`` in a config dataclass.
+    Example: ``clip_norm: float = added_setting(0.0)`` in a config dataclass, where 0.0 (no clipping)
+    is how the method trained before the setting existed.
     """
     return dataclasses.field(default=default, metadata={ADDED_SETTING: True})
 
