@@ -381,8 +381,9 @@ DIAGNOSTICS = {
         "60.45, 59.20), 0.70 above lr 0.003 and 3.81 below the probe, also below MIST (62.93). So on CIFAR-10 at "
         "224 px the unstable rate explains little of LAST < linear: LAST fits its 1000 images and still "
         "generalises worse than the probe. It is a diagnostic, not a verdict: the lr was fixed by hand after "
-        "seeing the loss curves, not chosen on val200. It ran alone (1 h 11 min of bench: 5 min extracting the "
-        "224-px store, then 21 min per seed); \"train s/seed\" is a timing, 1257 s against 814-1053 s per seed "
+        "seeing the loss curves, not chosen on val200. Its final runs ran alone (1 h 11 min of bench: 5 min "
+        "extracting the 224-px store, beside a few-second page regeneration, then 21 min per seed); "
+        "\"train s/seed\" is a timing, 1257 s against 814-1053 s per seed "
         "in the table's run on another day, so compare times only within one run.",
         "shortened: one learning rate fixed by hand (no search), CIFAR-10 only"),
     "mist-wide-grid-224": Diagnostic(
